@@ -1,0 +1,295 @@
+"""One typed settings tree for every job.
+
+Every field is an environment variable ``CELLMI_<SECTION>__<FIELD>`` and a command-line flag
+``--<section>.<field>``; e.g. ``CELLMI_TRAIN__STEPS=500`` is ``--train.steps 500``.
+Command-line flags beat environment variables, which beat the defaults below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from cellmi.errors import UserError
+
+ENV_PREFIX = "CELLMI_"
+NESTED = "__"
+CHANNEL_NAMES = ("DNA", "pH3", "actin")
+_URL = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]*|[A-Za-z]:[\\/].*)$")
+
+
+def check_url(value: str | None) -> str | None:
+    """A local path or ``s3://bucket[/prefix]``; anything else (http://, a bad bucket) is refused."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if not _URL.match(value):
+        raise ValueError(f"{value!r} is neither a local path nor s3://bucket/prefix")
+    return value.rstrip("/") if value.startswith("s3://") else value
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SynthSettings(Section):
+    """The synthetic HT29-like screen (the embedded default data set)."""
+
+    seed: int = Field(0, description="Random seed; the same seed gives the same images bit for bit.")
+    samples: int = Field(14, ge=2, le=14, description="Number of samples (one phenotype each, at most 14).")
+    fields: int = Field(4, ge=1, le=16, description="Fields of view per sample.")
+    size: int = Field(512, ge=64, le=4096, description="Field height and width in pixels.")
+    raw_out: str | None = Field(
+        None,
+        description="Write BBBC018-style .DIB files to this folder (local or s3://) instead of a store.",
+    )
+
+    _url = field_validator("raw_out")(check_url)
+
+
+class IngestSettings(Section):
+    """Raw images to an OME-Zarr store with foreground masks."""
+
+    preset: Literal["bbbc018", "generic"] = Field(
+        "bbbc018",
+        description="File naming: bbbc018 ({well}-{channel}.DIB, sample = first 4 digits of the well, "
+        "field = last digit) or generic ({sample}_{field}_{channel}.{tif,png,dib}).",
+    )
+    pattern: str | None = Field(
+        None,
+        description="Regex with named groups sample, field and channel, matched against file names; "
+        "overrides the preset.",
+    )
+    channels: CsvList = Field(
+        list(CHANNEL_NAMES),
+        description="Channel names in store order (comma-separated); each must occur in the file names.",
+    )
+    test_samples: CsvList | None = Field(
+        None,
+        description="Comma-separated sample ids held out for test; overrides the default split.",
+    )
+    n_test: int = Field(4, ge=0, description="Samples held out for test when test_samples is unset.")
+    split_seed: int = Field(0, description="Seed of the shuffle that picks the held-out samples.")
+    overwrite: bool = Field(False, description="Replace an existing store instead of refusing.")
+    workers: int = Field(0, ge=0, description="Parallel readers; 0 means one per CPU core.")
+    mask_pixels: int = Field(
+        40_000, ge=1_000, description="Pixels sampled per image to fit the foreground mixture."
+    )
+    chunk: int = Field(256, ge=32, description="Zarr chunk edge in pixels.")
+
+    _csv = field_validator("channels", "test_samples", mode="before")(_split_csv)
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            compiled = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {err}") from None
+        missing = {"sample", "field", "channel"} - set(compiled.groupindex)
+        if missing:
+            raise ValueError(f"needs named groups {sorted(missing)}")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one channel")
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated channel in {value}")
+        return value
+
+
+class ModelSettings(Section):
+    """Encoder architecture (saved with every checkpoint)."""
+
+    crop: int = Field(128, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride).")
+    width: int = Field(64, ge=8, le=1024, description="Channels of the first conv layer.")
+    local_dim: int = Field(128, ge=8, le=2048, description="Channels of the local feature map.")
+    global_dim: int = Field(64, ge=2, le=2048, description="Size of the global representation.")
+    critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
+
+
+class TrainSettings(Section):
+    """Deep InfoMax training (single process or under torchrun)."""
+
+    steps: int = Field(3000, ge=1, description="Optimisation steps.")
+    time_budget_s: float | None = Field(
+        240.0, gt=0, description="Stop after this many seconds of training even if steps remain."
+    )
+    batch_samples: int = Field(8, ge=2, description="B: samples per batch (per process).")
+    fields_per_sample: int = Field(4, ge=1, description="N: fields of view per sample in a batch.")
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate of encoder and critics.")
+    prior_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the prior discriminator.")
+    estimator: Literal["jsd", "infonce", "dv"] = Field("jsd", description="Mutual-information estimator.")
+    alpha: float = Field(0.0, ge=0, description="Weight of the global MI term.")
+    beta: float = Field(1.0, ge=0, description="Weight of the local MI term.")
+    gamma: float = Field(0.1, ge=0, description="Weight of the prior-matching term.")
+    prior_ramp_steps: int = Field(300, ge=0, description="Steps over which gamma ramps up from 0.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    min_foreground: float = Field(0.15, ge=0, le=1, description="Least foreground fraction of a crop.")
+    augment: bool = Field(True, description="Flips, 90-degree rotations and microscope nuisances.")
+    gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
+    checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
+    keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
+    cache_fields: int = Field(64, ge=1, description="Fields held in each process's read cache.")
+    seed: int = Field(0, description="Base seed; each process uses seed + rank.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    threads: int = Field(0, ge=0, description="Torch threads per process; 0 means cores / processes.")
+    dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
+    log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")
+
+
+class InferSettings(Section):
+    """Sliding-window inference on a Dask cluster."""
+
+    checkpoint: str | None = Field(
+        None, description="Checkpoint file or folder (local or s3://); default: newest in {workdir}/checkpoints."
+    )
+    window: int | None = Field(None, ge=16, description="Window edge; default: the training crop.")
+    stride: int | None = Field(None, ge=1, description="Window step; default: half a window.")
+    min_foreground: float = Field(0.2, ge=0, le=1, description="Windows with less foreground are dropped.")
+    keep_background: bool = Field(False, description="Keep background windows, flagged, instead of dropping.")
+    mode: Literal["shared", "naive"] = Field(
+        "shared", description="shared: one feature map per field; naive: encode each window alone."
+    )
+    scheduler_address: str | None = Field(
+        None, description="Existing Dask scheduler; DASK_SCHEDULER_ADDRESS is used when this is unset."
+    )
+    workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per core.")
+    fields_per_task: int = Field(1, ge=1, description="Fields per Dask task.")
+    retries: int = Field(3, ge=0, description="Retries of a failed task.")
+    batch_windows: int = Field(64, ge=1, description="Windows per forward pass in naive mode.")
+    memory_limit_gb: float = Field(
+        4.0, gt=0, description="Refuse settings whose estimated per-task memory exceeds this."
+    )
+
+
+class ClusterSettings(Section):
+    """UMAP + Gaussian mixture, metrics, figures and report."""
+
+    split: Literal["test", "train", "all"] = Field("test", description="Which samples to cluster.")
+    umap_dim: int = Field(8, ge=2, le=100, description="UMAP dimension used for clustering.")
+    neighbors: int = Field(15, ge=2, description="UMAP n_neighbors.")
+    min_dist: float = Field(0.0, ge=0, le=1, description="UMAP min_dist of the clustering embedding.")
+    n_clusters: int | None = Field(None, ge=1, description="Mixture components; default: samples in split.")
+    select: Literal["fixed", "bic"] = Field("fixed", description="fixed: n_clusters; bic: best BIC in range.")
+    bic_min: int = Field(2, ge=1, description="Smallest component count tried by BIC.")
+    bic_max: int = Field(20, ge=1, description="Largest component count tried by BIC.")
+    image_labels: Literal["profile", "vote"] = Field(
+        "profile", description="Per-image labels from aggregated field profiles or from the window vote."
+    )
+    aggregate: Literal["median", "mean"] = Field("mean", description="Window-to-field aggregation.")
+    profile_dims: int = Field(16, ge=2, description="PCA dimensions of field profiles before clustering.")
+    subsample_above: int = Field(
+        20_000, ge=100, description="Fit UMAP and GMM on a subsample when there are more windows."
+    )
+    subsample_size: int = Field(10_000, ge=100, description="Size of that subsample.")
+    baselines: bool = Field(True, description="Also score an untrained encoder and hand-crafted features.")
+    gallery: int = Field(8, ge=1, description="Windows per cluster in the gallery.")
+    seed: int = Field(0, description="Seed of UMAP, the mixture and subsampling.")
+    apply_to: str | None = Field(
+        None, description="Assign this representations table/store to the saved clusters instead of fitting."
+    )
+
+    _url = field_validator("apply_to")(check_url)
+
+    @model_validator(mode="after")
+    def _bic_range(self) -> ClusterSettings:
+        if self.bic_min > self.bic_max:
+            raise ValueError("bic_min must not exceed bic_max")
+        return self
+
+
+class Settings(BaseSettings):
+    """All of cellmi's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED,
+        extra="forbid",
+        validate_default=True,
+        nested_model_default_partial_update=True,
+    )
+
+    workdir: str = Field("./cellmi-work", description="Run folder, local path or s3://bucket/prefix.")
+    source: str | None = Field(None, description="Raw images to ingest (folder or s3://); unset: synthetic.")
+    quick: bool = Field(False, description="Tiny data and few steps: a smoke test in under two minutes.")
+    force: bool = Field(False, description="Redo finished stages and replace existing outputs.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    synth: SynthSettings = Field(default_factory=SynthSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    infer: InferSettings = Field(default_factory=InferSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+
+    _urls = field_validator("workdir", "source")(check_url)
+
+
+SECTIONS = ("synth", "ingest", "model", "train", "infer", "cluster")
+
+
+def env_names() -> set[str]:
+    """Every environment variable name the settings tree accepts."""
+    names = set()
+    for name, info in Settings.model_fields.items():
+        names.add(f"{ENV_PREFIX}{name}".upper())
+        section = info.annotation
+        if name in SECTIONS:
+            for sub in section.model_fields:  # type: ignore[union-attr]
+                names.add(f"{ENV_PREFIX}{name}{NESTED}{sub}".upper())
+    return names
+
+
+def check_env(environ: dict[str, str] | None = None) -> None:
+    """Refuse ``CELLMI_*`` variables that name no setting (typos are errors, not ignored)."""
+    environ = os.environ if environ is None else environ
+    known = env_names()
+    unknown = sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown setting (see `cellmi config` for the valid names)")
+
+
+def as_dict(settings: BaseModel, redact: bool = True) -> dict[str, Any]:
+    """Settings as plain nested JSON types; credentials inside URLs are redacted."""
+    data = settings.model_dump(mode="json")
+    return _redact(data) if redact else data
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(://)[^/@\s]+@", r"\1***@", value)
+    return value
+
+
+def digest(data: Any) -> str:
+    """Short stable hash of JSON-able settings, used to tell whether a stage must be redone."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,309 @@
+"""Run folders and image stores on local disk or S3.
+
+An image store is an OME-Zarr (NGFF 0.5, Zarr v3) hierarchy::
+
+    store.zarr/                       root group, attributes["cellmi"] = store metadata
+      images/{sample}_{field}/        NGFF image: array "0" with axes (c, y, x), omero channels
+        labels/foreground/            NGFF label image: array "0" with axes (y, x), 1 = foreground
+
+The store metadata lists channels, samples, fields, the train/test split, phenotypes (when
+known), per-channel intensity statistics and provenance. ``complete`` turns true only after the
+last image is written; opening a store that is not complete is an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+from cellmi import __version__
+from cellmi.errors import IncompleteStoreError, UserError
+
+NGFF_VERSION = "0.5"
+MASK_NAME = "foreground"
+STORE_NAME = "store.zarr"
+
+
+# ---------------------------------------------------------------- URLs and file systems
+def is_s3(url: str) -> bool:
+    return url.startswith("s3://")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a local path or an ``s3://`` URL."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def s3_options() -> dict[str, Any]:
+    """s3fs options: credentials come from the standard AWS chain, the endpoint from AWS_ENDPOINT_URL."""
+    options: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    retries = int(os.environ.get("CELLMI_S3_RETRIES_INTERNAL", "3"))
+    options["config_kwargs"] = {
+        "retries": {"max_attempts": retries, "mode": "standard"},
+        "connect_timeout": 5,
+        "read_timeout": 30,
+    }
+    return options
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system of a URL and the path inside it."""
+    if is_s3(url):
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        return fs, url[len("s3://") :]
+    return fsspec.filesystem("file"), os.path.abspath(url)
+
+
+def zarr_store(url: str, read_only: bool = False) -> Any:
+    """A Zarr v3 store object for a local path or an ``s3://`` URL."""
+    if is_s3(url):
+        return FsspecStore.from_url(url, storage_options=s3_options(), read_only=read_only)
+    if not read_only:
+        os.makedirs(url, exist_ok=True)
+    return LocalStore(url, read_only=read_only)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def remove(url: str) -> None:
+    """Delete a file or folder tree, local or on S3; missing is fine."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a whole file so that readers never see half of it (temp + rename; one PUT on S3)."""
+    fs, path = filesystem(url)
+    if is_s3(url):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def image_name(sample: str, field: str) -> str:
+    return f"{sample}_{field}"
+
+
+# ---------------------------------------------------------------- metadata
+@dataclass
+class StoreMeta:
+    """What a store holds. ``fields`` maps sample id to its field ids, in order."""
+
+    channels: list[str]
+    fields: dict[str, list[str]]
+    split: dict[str, str]
+    shape: tuple[int, int]
+    phenotypes: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, list[float]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+
+    @property
+    def samples(self) -> list[str]:
+        return list(self.fields)
+
+    def samples_in(self, split: str = "all") -> list[str]:
+        """Sample ids of a split: ``train``, ``test`` or ``all``."""
+        if split == "all":
+            return self.samples
+        return [s for s in self.samples if self.split[s] == split]
+
+    def images(self, split: str = "all") -> list[tuple[str, str]]:
+        """(sample, field) pairs of a split in store order."""
+        return [(s, f) for s in self.samples_in(split) for f in self.fields[s]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "fields": self.fields,
+            "split": self.split,
+            "shape": list(self.shape),
+            "phenotypes": self.phenotypes,
+            "stats": self.stats,
+            "provenance": self.provenance,
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StoreMeta:
+        return cls(
+            channels=list(data["channels"]),
+            fields={k: list(v) for k, v in data["fields"].items()},
+            split=dict(data["split"]),
+            shape=tuple(data["shape"]),  # type: ignore[arg-type]
+            phenotypes=dict(data.get("phenotypes", {})),
+            stats={k: list(v) for k, v in data.get("stats", {}).items()},
+            provenance=dict(data.get("provenance", {})),
+            complete=bool(data.get("complete", False)),
+        )
+
+
+def provenance(source: str, settings_hash: str) -> dict[str, Any]:
+    return {
+        "source": source,
+        "cellmi_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings_hash": settings_hash,
+    }
+
+
+def _multiscales(axes: list[dict[str, str]], name: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "axes": axes,
+            "datasets": [
+                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}]}
+            ],
+        }
+    ]
+
+
+_SPACE = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+_COLOURS = {"DNA": "0000FF", "pH3": "00FF00", "actin": "FF0000"}
+
+
+def _image_attrs(name: str, channels: list[str], window_max: int) -> dict[str, Any]:
+    axes = [{"name": "c", "type": "channel"}, *_SPACE]
+    omero = {
+        "channels": [
+            {
+                "label": ch,
+                "color": _COLOURS.get(ch, "FFFFFF"),
+                "active": True,
+                "window": {"start": 0, "end": window_max, "min": 0, "max": 65535},
+            }
+            for ch in channels
+        ]
+    }
+    return {"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(axes, name), "omero": omero}}
+
+
+def _label_attrs(name: str) -> dict[str, Any]:
+    return {
+        "ome": {
+            "version": NGFF_VERSION,
+            "multiscales": _multiscales(list(_SPACE), name),
+            "image-label": {
+                "version": NGFF_VERSION,
+                "colors": [{"label-value": 1, "rgba": [255, 255, 0, 255]}],
+                "source": {"image": "../../"},
+            },
+        }
+    }
+
+
+# ---------------------------------------------------------------- writing
+class StoreWriter:
+    """Writes a new store; ``finish`` marks it complete, ``abort`` removes it."""
+
+    def __init__(self, url: str, meta: StoreMeta, overwrite: bool = False, chunk: int = 256) -> None:
+        if exists(join(url, "zarr.json")):
+            if not overwrite:
+                raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
+            remove(url)
+        self.url = url
+        self.meta = meta
+        self.chunk = chunk
+        meta.complete = False
+        self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
+        self.root.attrs["cellmi"] = meta.to_json()
+        self.images = self.root.create_group("images")
+
+    def write_image(self, sample: str, field_id: str, pixels: np.ndarray, mask: np.ndarray) -> None:
+        """Write one field: ``pixels`` (C, Y, X) uint16 and ``mask`` (Y, X) bool."""
+        name = image_name(sample, field_id)
+        c, h, w = pixels.shape
+        group = self.images.create_group(name)
+        chunks = (1, min(self.chunk, h), min(self.chunk, w))
+        arr = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=chunks,
+                                 dimension_names=("c", "y", "x"))
+        arr[...] = pixels
+        top = int(np.percentile(pixels, 99.5)) if pixels.size else 1
+        group.attrs.update(_image_attrs(name, self.meta.channels, max(top, 1)))
+        labels = group.create_group("labels")
+        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [MASK_NAME]}
+        label = labels.create_group(MASK_NAME)
+        marr = label.create_array("0", shape=mask.shape, dtype="uint8", chunks=chunks[1:],
+                                  dimension_names=("y", "x"))
+        marr[...] = mask.astype(np.uint8)
+        label.attrs.update(_label_attrs(MASK_NAME))
+
+    def finish(self) -> StoreMeta:
+        """Mark the store complete; readers accept it only from now on."""
+        self.meta.complete = True
+        self.root.attrs["cellmi"] = self.meta.to_json()
+        return self.meta
+
+    def abort(self) -> None:
+        """Remove what was written so no half-written store is left behind."""
+        remove(self.url)
+
+
+# ---------------------------------------------------------------- reading
+class ImageStore:
+    """A complete image store opened for reading (local or S3)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if not exists(join(url, "zarr.json")):
+            raise UserError(f"{url}: no image store here (run `cellmi ingest` first)")
+        self.root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
+        data = self.root.attrs.get("cellmi")
+        if data is None:
+            raise UserError(f"{url}: not a cellmi image store (no cellmi metadata)")
+        self.meta = StoreMeta.from_json(data)
+        if not self.meta.complete:
+            raise IncompleteStoreError(f"{url}: store is incomplete (ingest did not finish); re-run ingest")
+
+    def read_image(self, sample: str, field_id: str) -> np.ndarray:
+        """Pixels of one field, (C, Y, X), as stored (uint16)."""
+        return self.root[f"images/{image_name(sample, field_id)}/0"][...]
+
+    def read_mask(self, sample: str, field_id: str) -> np.ndarray:
+        """Foreground mask of one field, (Y, X) bool."""
+        arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]
+        return arr[...].astype(bool)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """(C, Y, X) raw -> float32 ``(log1p(x) - mean_c) / std_c`` with data-set statistics.
+
+        Statistics are fixed for the whole store, so intensity differences between samples
+        survive (no per-crop or per-image normalisation).
+        """
+        mean = np.asarray(self.meta.stats["mean"], np.float32)[:, None, None]
+        std = np.asarray(self.meta.stats["std"], np.float32)[:, None, None]
+        return ((np.log1p(pixels.astype(np.float32)) - mean) / std).astype(np.float32)
+
+
+def open_store(url: str) -> ImageStore:
+    return ImageStore(url)
