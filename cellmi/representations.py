@@ -68,7 +68,8 @@ def write_representations(url: str, reps: Representations) -> None:
     root.attrs["cellmi"] = attrs
     n = len(table)
     for name in META_COLUMNS:
-        values = table[name].to_numpy().astype(_DTYPES[name])
+        values = table[name].to_numpy()
+        values = np.asarray(values.tolist(), dtype=str) if _DTYPES[name] is str else values.astype(_DTYPES[name])
         root.create_array(name, shape=(n,), dtype=_DTYPES[name], chunks=(max(n, 1),), overwrite=True)[...] = values
     for name, matrix in reps.features.items():
         matrix = np.asarray(matrix, np.float32)[order]
@@ -87,9 +88,15 @@ def load_representations(url: str) -> Representations:
     attrs = dict(root.attrs.get("cellmi", {}))
     if not attrs.get("complete"):
         raise IncompleteStoreError(f"{url}: representations are incomplete (inference did not finish)")
-    table = pd.DataFrame({name: root[name][...].astype(_DTYPES[name]) for name in META_COLUMNS})
+    table = pd.DataFrame({name: _column(root[name][...], name) for name in META_COLUMNS})
     features = {name: root[name][...] for name in attrs["feature_sets"]}
     return Representations(table, features, attrs)
+
+
+def _column(values: np.ndarray, name: str) -> np.ndarray:
+    if _DTYPES[name] is str:
+        return np.asarray(values.tolist(), dtype=object)
+    return values.astype(_DTYPES[name])
 
 
 def to_frame(reps: Representations, feature_set: str = "dim") -> pd.DataFrame:
