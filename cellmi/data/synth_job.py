@@ -1,0 +1,75 @@
+"""``cellmi synth``: the synthetic HT29-like screen, as a store or as a BBBC018-style raw folder.
+
+    cellmi synth                                  # {workdir}/store.zarr with masks
+    cellmi synth --synth.raw_out ./raw            # ./raw/00011-DNA.DIB ... + phenotypes.json
+    cellmi ingest --source ./raw                  # ... which ingest reads back like BBBC018
+"""
+
+from __future__ import annotations
+
+import json
+
+from tqdm.auto import tqdm
+
+from cellmi.data.ingest import PHENOTYPE_FILE, choose_split, ingest_fingerprint, refuse_existing, write_store
+from cellmi.data.readers import write_dib
+from cellmi.data.synth import CHANNELS, sample_id, synth_screen
+from cellmi.errors import UserError
+from cellmi.log import log
+from cellmi.settings import Settings, digest
+from cellmi.store import STORE_NAME, StoreMeta, exists, join, provenance, write_bytes_atomic
+
+
+def _screen(settings: Settings):
+    cfg = settings.synth
+    return synth_screen(cfg.samples, cfg.fields, cfg.size, cfg.seed, workers=settings.ingest.workers or 2)
+
+
+def synth_store(settings: Settings, url: str) -> StoreMeta:
+    """Generate the synthetic screen straight into an image store (masks from the GMM, as for real data)."""
+    refuse_existing(url, settings)
+    cfg = settings.synth
+    samples = [sample_id(i) for i in range(cfg.samples)]
+    fields = [str(f + 1) for f in range(cfg.fields)]
+    phenotypes: dict[str, str] = {}
+
+    def images():
+        for item in _screen(settings):
+            phenotypes[item.sample] = item.phenotype
+            yield item.sample, item.field, item.pixels
+
+    meta = StoreMeta(
+        channels=list(CHANNELS),
+        fields={s: list(fields) for s in samples},
+        split=choose_split(samples, settings.ingest),
+        shape=(cfg.size, cfg.size),
+        phenotypes=phenotypes,
+        provenance=provenance(f"synthetic(seed={cfg.seed})", digest(ingest_fingerprint(settings))),
+    )
+    log.info("generating the synthetic screen: %d samples x %d fields, %d px", cfg.samples, cfg.fields, cfg.size)
+    meta = write_store(url, meta, images(), cfg.samples * cfg.fields, settings)
+    log.info("store complete: %s", url)
+    return meta
+
+
+def write_raw(settings: Settings, folder: str) -> None:
+    """Write ``{sample}{field}-{channel}.DIB`` files and ``phenotypes.json`` into ``folder``."""
+    if settings.synth.fields > 9:
+        raise UserError("CELLMI_SYNTH__FIELDS: the BBBC018 layout holds at most 9 fields per sample")
+    if exists(join(folder, PHENOTYPE_FILE)) and not settings.force:
+        raise UserError(f"{folder}: already holds a synthetic screen (use --force to replace it)")
+    phenotypes = {}
+    for item in tqdm(_screen(settings), total=settings.synth.samples * settings.synth.fields, desc="synth"):
+        phenotypes[item.sample] = item.phenotype
+        for channel, plane in zip(CHANNELS, item.pixels, strict=True):
+            write_bytes_atomic(join(folder, f"{item.sample}{item.field}-{channel}.DIB"), write_dib(plane))
+    write_bytes_atomic(join(folder, PHENOTYPE_FILE), json.dumps(phenotypes, indent=1).encode())
+    log.info("wrote %d fields to %s", len(phenotypes) * settings.synth.fields, folder)
+
+
+def main(settings: Settings) -> int:
+    if settings.synth.raw_out:
+        write_raw(settings, settings.synth.raw_out)
+    else:
+        synth_store(settings, join(settings.workdir, STORE_NAME))
+    return 0
