@@ -239,12 +239,12 @@ class Settings(BaseSettings):
     quick: bool = Field(False, description="Tiny data and few steps: a smoke test in under two minutes.")
     force: bool = Field(False, description="Redo finished stages and replace existing outputs.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
-    synth: SynthSettings = Field(default_factory=SynthSettings)
-    ingest: IngestSettings = Field(default_factory=IngestSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    infer: InferSettings = Field(default_factory=InferSettings)
-    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    synth: SynthSettings = Field(default_factory=SynthSettings, description="Synthetic data set.")
+    ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest of raw images.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Encoder architecture.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training.")
+    infer: InferSettings = Field(default_factory=InferSettings, description="Inference.")
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Clustering and report.")
 
     _urls = field_validator("workdir", "source")(check_url)
 
