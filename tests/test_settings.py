@@ -96,3 +96,13 @@ def test_help_lists_flags_and_jobs():
     for job in ("synth", "ingest", "train", "infer", "cluster", "run", "config"):
         assert job in top.stdout
     assert cellmi("nonsense").returncode == 2
+
+
+def test_readme_settings_table_is_current():
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ns = runpy.run_path(str(root / "scripts" / "settings_reference.py"))
+    text = (root / "README.md").read_text()
+    assert ns["refreshed"](text) == text, "run: python scripts/settings_reference.py --write"
