@@ -89,3 +89,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Exception as err:
+        message = describe_storage_error(err)
+        if message is None:
+            raise
+        log.debug("storage error", exc_info=True)
+        print(f"cellmi {job}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def describe_storage_error(err: Exception) -> str | None:
+    """One line for an unreachable or refusing storage endpoint; None for anything else (a bug)."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        BotoCoreError = ClientError = ()  # type: ignore[misc,assignment]
+    if isinstance(err, BotoCoreError):
+        return f"S3 endpoint unreachable or misconfigured: {err}"
+    if isinstance(err, ClientError):
+        return f"S3 refused the request: {err}"
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err}"
+    return None

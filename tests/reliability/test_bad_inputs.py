@@ -1,0 +1,161 @@
+"""Bad inputs through the real command line: one clear line, exit 2, nothing lost."""
+
+import os
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cellmi.data.readers import write_dib
+from cellmi.store import open_store
+
+CHANNELS = ("DNA", "pH3", "actin")
+
+
+def cellmi(*args, env=None, timeout=180):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("CELLMI_", "AWS_"))}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "cellmi", *args], capture_output=True, text=True,
+                          env=full, timeout=timeout)
+
+
+def raw_folder(path, samples=3, size=48):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(1, samples + 1):
+        pixels = rng.poisson(100, (3, size, size)).astype(np.uint16)
+        pixels[:, 10:20, 10:25] += 2000
+        for c, name in enumerate(CHANNELS):
+            (path / f"{s:04d}1-{name}.DIB").write_bytes(write_dib(pixels[c]))
+    return path
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def tiff_bytes(array):
+    import io
+
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array)
+    return buf.getvalue()
+
+
+def corrupt(name, data):
+    return lambda raw: (raw / name).write_bytes(data)
+
+
+DIB = write_dib(np.full((48, 48), 700, np.uint16))
+CASES = {
+    "truncated DIB": (corrupt("00011-DNA.DIB", DIB[:-500]), "00011-DNA.DIB: truncated DIB"),
+    "corrupt DIB header": (corrupt("00011-DNA.DIB", DIB[:4] + struct.pack("<i", 0) + DIB[8:]),
+                           "00011-DNA.DIB: corrupt DIB header"),
+    "wrong channel count": (corrupt("00011-DNA.DIB", DIB[:12] + struct.pack("<H", 2) + DIB[14:]),
+                            "00011-DNA.DIB: DIB has 2 channels"),
+    "mismatched sizes": (corrupt("00021-pH3.DIB", write_dib(np.ones((40, 48), np.uint16))),
+                         "sample 0002 field 1: channel sizes differ"),
+    "missing channel": (lambda raw: (raw / "00031-actin.DIB").unlink(), "missing channel(s) ['actin']"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_raw_files_leave_the_old_store_alone(tmp_path, case):
+    raw = raw_folder(tmp_path / "raw")
+    work = tmp_path / "work"
+    assert cellmi("ingest", "--source", str(raw), "--workdir", str(work),
+                  "--ingest.n_test", "1").returncode == 0
+    before = open_store(str(work / "store.zarr")).read_image("0001", "1")
+    damage, message = CASES[case]
+    damage(raw)
+    proc = cellmi("ingest", "--source", str(raw), "--workdir", str(work), "--ingest.n_test", "1",
+                  "--ingest.overwrite")
+    assert_one_line_error(proc, message, "nothing written")
+    store = open_store(str(work / "store.zarr"))  # still there, still complete
+    np.testing.assert_array_equal(store.read_image("0001", "1"), before)
+
+
+def test_corrupt_tiff_nan_and_duplicates(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ok = np.full((16, 16), 300, np.uint16)
+    for s in ("A", "B", "C"):
+        for c in CHANNELS:
+            (raw / f"{s}_1_{c}.tif").write_bytes(tiff_bytes(ok))
+    (raw / "A_1_DNA.tif").write_bytes(b"II*\0not a tiff at all")
+    nan = np.ones((16, 16), np.float32)
+    nan[3, 3] = np.nan
+    (raw / "B_1_pH3.tif").write_bytes(tiff_bytes(nan))
+    (raw / "C_1_actin.png").write_bytes(tiff_bytes(ok))
+    proc = cellmi("ingest", "--source", str(raw), "--workdir", str(tmp_path / "w"),
+                  "--ingest.preset", "generic", "--ingest.n_test", "1")
+    assert_one_line_error(proc, "3 problem(s)", "A_1_DNA.tif: unreadable TIFF", "B_1_pH3.tif: 1 NaN/Inf",
+                          "duplicate files for sample C field 1 channel actin")
+    assert not (tmp_path / "w").exists()
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = cellmi("ingest", "--source", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, "source folder is empty")
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"CELLMI_TRAIN__EPOHCS": "3"}, "CELLMI_TRAIN__EPOHCS: unknown setting"),
+        ({"CELLMI_INFER__MIN_FOREGROUND": "1.5"}, "CELLMI_INFER__MIN_FOREGROUND (--infer.min_foreground)"),
+        ({"CELLMI_SYNTH__SAMPLES": "40"}, "CELLMI_SYNTH__SAMPLES (--synth.samples): Input should be less"),
+    ],
+)
+def test_bad_settings(tmp_path, env, fragment):
+    proc = cellmi("run", "--workdir", str(tmp_path / "w"), env=env)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unreachable_s3_endpoint_fails_fast(tmp_path):
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "fake-id",
+           "AWS_SECRET_ACCESS_KEY": "fake-secret-value"}
+    start = time.monotonic()
+    proc = cellmi("ingest", "--source", "s3://bucket/raw", "--workdir", str(tmp_path / "w"), env=env, timeout=120)
+    assert_one_line_error(proc, "S3 endpoint unreachable")
+    assert "fake-secret-value" not in proc.stderr + proc.stdout
+    assert time.monotonic() - start < 100  # bounded retries, not a hang
+
+
+def test_unauthorised_s3(tmp_path):
+    """A real moto server that checks credentials, in its own process."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server_env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000",
+               "AWS_SECRET_ACCESS_KEY": "not-a-valid-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        proc = cellmi("ingest", "--source", "s3://bucket/raw", "--workdir", str(tmp_path / "w"), env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+        assert "not-a-valid-secret" not in proc.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
