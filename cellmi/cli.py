@@ -109,5 +109,5 @@ def describe_storage_error(err: Exception) -> str | None:
     if isinstance(err, ClientError):
         return f"S3 refused the request: {err}"
     if isinstance(err, PermissionError):
-        return f"permission denied: {err}"
+        return f"access denied ({err}); check the AWS credentials and bucket permissions"
     return None
