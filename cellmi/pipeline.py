@@ -171,7 +171,7 @@ def run_pipeline(settings: Settings) -> dict[str, Any]:
             "digest": digests[stage.name],
             "settings": stage_settings(settings, stage),
             "seconds": round(seconds, 2),
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         save_run(workdir, record)
     return record

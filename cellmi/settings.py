@@ -124,7 +124,10 @@ class ModelSettings(Section):
     """Encoder architecture (saved with every checkpoint)."""
 
     crop: int = Field(128, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride).")
-    width: int = Field(64, ge=8, le=1024, description="Channels of the first conv layer.")
+    width: int = Field(
+        16, ge=4, le=1024,
+        description="Channels of the first conv layer (the trunk widens to 2x and 4x, then local_dim).",
+    )
     local_dim: int = Field(128, ge=8, le=2048, description="Channels of the local feature map.")
     global_dim: int = Field(64, ge=2, le=2048, description="Size of the global representation.")
     critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
@@ -149,6 +152,14 @@ class TrainSettings(Section):
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     min_foreground: float = Field(0.15, ge=0, le=1, description="Least foreground fraction of a crop.")
     augment: bool = Field(True, description="Flips, 90-degree rotations and microscope nuisances.")
+    aug_gain: float = Field(
+        0.2, ge=0, lt=1, description="Nuisance gain jitter: each crop channel scaled by up to 1 +- this."
+    )
+    aug_blur: float = Field(0.25, ge=0, le=1, description="Share of crops blurred like a defocused field.")
+    aug_blur_sigma: float = Field(2.0, gt=0, le=16, description="Largest Gaussian blur sigma in pixels.")
+    local_foreground: float = Field(
+        0.1, ge=0, le=1, description="Local positions seeing less foreground than this are left out of the loss."
+    )
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
@@ -157,9 +168,19 @@ class TrainSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
-    threads: int = Field(0, ge=0, description="Torch threads per process; 0 means cores / processes.")
+    threads: int = Field(
+        0, ge=0, description="Torch threads per process; 0 means cores / processes less one for crop loading."
+    )
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
     log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")
+
+    @field_validator("time_budget_s", mode="before")
+    @classmethod
+    def _no_budget(cls, value: Any) -> Any:
+        """``none``, ``null`` or empty (from a variable or flag) means no time budget."""
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
 
 
 class InferSettings(Section):
@@ -182,6 +203,7 @@ class InferSettings(Section):
     fields_per_task: int = Field(1, ge=1, description="Fields per Dask task.")
     retries: int = Field(3, ge=0, description="Retries of a failed task.")
     batch_windows: int = Field(64, ge=1, description="Windows per forward pass in naive mode.")
+    baseline_seed: int = Field(0, description="Seed of the untrained encoder of the random baseline.")
     memory_limit_gb: float = Field(
         4.0, gt=0, description="Refuse settings whose estimated per-task memory exceeds this."
     )
@@ -203,6 +225,12 @@ class ClusterSettings(Section):
     )
     aggregate: Literal["median", "mean"] = Field("mean", description="Window-to-field aggregation.")
     profile_dims: int = Field(16, ge=2, description="PCA dimensions of field profiles before clustering.")
+    profile_method: Literal["ward", "gmm"] = Field(
+        "ward", description="Clustering of field profiles: Ward linkage or a diagonal Gaussian mixture."
+    )
+    figure_points: int = Field(
+        3000, ge=100, description="Windows per panel of the 2-D UMAP figure (a seeded subsample above it)."
+    )
     subsample_above: int = Field(
         20_000, ge=100, description="Fit UMAP and GMM on a subsample when there are more windows."
     )

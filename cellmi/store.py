@@ -50,7 +50,7 @@ def s3_options() -> dict[str, Any]:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
-    retries = int(os.environ.get("CELLMI_S3_RETRIES_INTERNAL", "3"))
+    retries = int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))  # the AWS CLI's own variable
     options["config_kwargs"] = {
         "retries": {"max_attempts": retries, "mode": "standard"},
         "connect_timeout": 5,
@@ -171,7 +171,7 @@ def provenance(source: str, settings_hash: str) -> dict[str, Any]:
     return {
         "source": source,
         "cellmi_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "settings_hash": settings_hash,
     }
 
@@ -242,7 +242,7 @@ class StoreWriter:
     def write_image(self, sample: str, field_id: str, pixels: np.ndarray, mask: np.ndarray) -> None:
         """Write one field: ``pixels`` (C, Y, X) uint16 and ``mask`` (Y, X) bool."""
         name = image_name(sample, field_id)
-        c, h, w = pixels.shape
+        _, h, w = pixels.shape
         group = self.images.create_group(name)
         chunks = (1, min(self.chunk, h), min(self.chunk, w))
         arr = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=chunks,

@@ -60,12 +60,12 @@ def test_float_tiff_with_nan_is_refused():
     pixels[2, 3] = np.nan
     buf = io.BytesIO()
     tifffile.imwrite(buf, pixels)
-    with pytest.raises(UserError, match="x.tif: 1 NaN/Inf pixels"):
+    with pytest.raises(UserError, match=r"x\.tif: 1 NaN/Inf pixels"):
         read_image_file(buf.getvalue(), "x.tif")
 
 
 def test_corrupt_tiff_and_multichannel_tiff_are_refused():
-    with pytest.raises(UserError, match="bad.tif: unreadable TIFF"):
+    with pytest.raises(UserError, match=r"bad\.tif: unreadable TIFF"):
         read_image_file(b"II*\0garbage", "bad.tif")
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.zeros((3, 8, 8), np.uint16))
