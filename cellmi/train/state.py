@@ -1,0 +1,196 @@
+"""What training holds: the modules, their optimisers, the step; built, checkpointed and resumed here."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cellmi.errors import UserError
+from cellmi.log import log
+from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator
+from cellmi.settings import Settings, as_dict
+from cellmi.store import StoreMeta
+from cellmi.train.checkpoint import FORMAT, load_checkpoint
+from cellmi.train.distributed import DistInfo
+
+__all__ = [
+    "DIMNet",
+    "Trainer",
+    "build_trainer",
+    "checkpoint_state",
+    "model_arch",
+    "restore",
+    "wrap_distributed",
+]
+
+
+class DIMNet(nn.Module):
+    """Encoder and critics as one module, so DDP averages all their gradients in one pass.
+
+    ``forward`` returns embeddings only; the objective lives in ``cellmi.losses``.
+    """
+
+    def __init__(
+        self, encoder: Encoder, local_critic: LocalCritic, global_critic: GlobalCritic | None
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.local_critic = local_critic
+        self.global_critic = global_critic
+
+    def forward(self, x: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """x (M, C, H, W), valid (M, h, w) bool -> global (M, G), local_emb (M, D, h, w), global_emb (M, D)
+        [, summary_emb (M, D), global_emb_g (M, D) when the global critic is on]."""
+        local, global_ = self.encoder(x)
+        local_emb, global_emb = self.local_critic(local, global_)
+        out = {"global": global_, "local_emb": local_emb, "global_emb": global_emb}
+        if self.global_critic is not None:
+            out["summary_emb"], out["global_emb_g"] = self.global_critic(local, global_, valid)
+        return out
+
+
+@dataclass
+class Trainer:
+    """Modules, optimisers and progress of one training process."""
+
+    net: DIMNet
+    prior: PriorDiscriminator
+    optim: torch.optim.Optimizer
+    prior_optim: torch.optim.Optimizer
+    net_ddp: nn.Module | None = None
+    prior_ddp: nn.Module | None = None
+    step: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.net.encoder
+
+    @property
+    def train_net(self) -> nn.Module:
+        """The module to call in training: the DDP wrapper when distributed."""
+        return self.net if self.net_ddp is None else self.net_ddp
+
+    @property
+    def train_prior(self) -> nn.Module:
+        return self.prior if self.prior_ddp is None else self.prior_ddp
+
+
+def model_arch(settings: Settings, in_channels: int) -> dict[str, int]:
+    """Encoder kwargs from the model settings and the store's channel count."""
+    m = settings.model
+    return {
+        "in_channels": in_channels,
+        "width": m.width,
+        "local_dim": m.local_dim,
+        "global_dim": m.global_dim,
+        "crop": m.crop,
+    }
+
+
+def build_trainer(settings: Settings, in_channels: int, device: torch.device) -> Trainer:
+    """Fresh modules (seeded alike on every rank) and Adam optimisers."""
+    cfg, m = settings.train, settings.model
+    torch.manual_seed(cfg.seed)
+    encoder = Encoder(**model_arch(settings, in_channels))
+    global_critic = GlobalCritic(m.local_dim, m.global_dim, m.critic_dim) if cfg.alpha > 0 else None
+    net = DIMNet(encoder, LocalCritic(m.local_dim, m.global_dim, m.critic_dim), global_critic).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    prior = PriorDiscriminator(m.global_dim).to(device)
+    optim = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    prior_optim = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
+    return Trainer(net, prior, optim, prior_optim)
+
+
+def wrap_distributed(trainer: Trainer, dist: DistInfo) -> None:
+    """Wrap the modules in DDP when there are several processes (after any resume)."""
+    if not dist.distributed:
+        return
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    trainer.net_ddp = DistributedDataParallel(trainer.net, device_ids=ids)
+    trainer.prior_ddp = DistributedDataParallel(trainer.prior, device_ids=ids)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy and python random states as tensors and lists (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(trainer: Trainer, settings: Settings, meta: StoreMeta, stop_reason: str | None) -> dict:
+    """The checkpoint dict: explicit keys, tensors and plain containers only."""
+    critics = {"local": trainer.net.local_critic.state_dict()}
+    if trainer.net.global_critic is not None:
+        critics["global"] = trainer.net.global_critic.state_dict()
+    return {
+        "format": FORMAT,
+        "arch": dict(trainer.encoder.arch),
+        "encoder": trainer.encoder.state_dict(),
+        "critics": critics,
+        "prior": trainer.prior.state_dict(),
+        "optim": trainer.optim.state_dict(),
+        "prior_optim": trainer.prior_optim.state_dict(),
+        "step": trainer.step,
+        "rng": rng_state(),
+        "settings": as_dict(settings),
+        "stop_reason": stop_reason,
+        "data_stats": meta.stats,
+        "channels": list(meta.channels),
+        "train_seconds": trainer.train_seconds,
+    }
+
+
+def restore(trainer: Trainer, url: str, channels: list[str], restore_rng: bool) -> dict[str, Any]:
+    """Load a checkpoint into the trainer; refuse one of another architecture or other channels."""
+    state = load_checkpoint(url)
+    if state["arch"] != trainer.encoder.arch:
+        raise UserError(
+            f"{url}: was trained with model {state['arch']}, the settings ask for "
+            f"{trainer.encoder.arch}; use another CELLMI_WORKDIR or the same CELLMI_MODEL__* settings"
+        )
+    if list(state["channels"]) != list(channels):
+        raise UserError(f"{url}: was trained on channels {state['channels']}, the store has {channels}")
+    critics = state["critics"]
+    if ("global" in critics) != (trainer.net.global_critic is not None):
+        raise UserError(
+            f"{url}: CELLMI_TRAIN__ALPHA switches the global critic on or off; it cannot change "
+            "on resume (use another CELLMI_WORKDIR)"
+        )
+    trainer.encoder.load_state_dict(state["encoder"])
+    trainer.net.local_critic.load_state_dict(critics["local"])
+    if trainer.net.global_critic is not None:
+        trainer.net.global_critic.load_state_dict(critics["global"])
+    trainer.prior.load_state_dict(state["prior"])
+    trainer.optim.load_state_dict(state["optim"])
+    trainer.prior_optim.load_state_dict(state["prior_optim"])
+    trainer.step = int(state["step"])
+    trainer.train_seconds = float(state["train_seconds"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    log.info("resumed from %s at step %d", url, trainer.step)
+    return state

@@ -1,0 +1,125 @@
+"""One optimisation step: the DIM objective for encoder and critics, then the prior discriminator's own."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cellmi.losses import (
+    global_mi_loss,
+    local_mi_loss,
+    prior_discriminator_loss,
+    prior_generator_loss,
+    prior_weight,
+)
+from cellmi.settings import TrainSettings
+from cellmi.train.data import Batch
+from cellmi.train.distributed import DistInfo, all_gather_tensor, all_gather_with_grad
+from cellmi.train.state import Trainer
+
+__all__ = ["METRICS", "frozen", "train_step"]
+
+# Names of the values train_step returns, in order.
+METRICS = ("loss", "local", "global", "prior_gen", "prior_disc", "gamma", "grad_norm")
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Parameters of ``module`` excluded from autograd for the duration, so the encoder's
+    generator term cannot move the discriminator."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _gathered(tensor: Tensor, with_grad: bool, gather: bool) -> Tensor:
+    if not gather:
+        return tensor
+    if with_grad:
+        return all_gather_with_grad(tensor)
+    return all_gather_tensor(tensor)
+
+
+def _inputs(trainer: Trainer, batch: Batch, cfg: TrainSettings, device: torch.device) -> tuple[Tensor, ...]:
+    """Batch -> x (M, C, H, W), sample ids (M,), valid local positions (M, h, w) bool; M = B * N."""
+    n = batch.images.shape[1]
+    x = batch.images.flatten(0, 1).to(device, non_blocking=True)
+    if device.type == "cuda" and cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ids = batch.samples.to(device).repeat_interleave(n)
+    valid = trainer.encoder.pool_mask(batch.masks.flatten(0, 1).to(device)) >= cfg.local_foreground
+    return x, ids, valid
+
+
+def _mi_terms(
+    out: dict[str, Tensor], ids: Tensor, valid: Tensor, cfg: TrainSettings, gather: bool
+) -> tuple[Tensor, Tensor]:
+    """Local and global MI losses; with ``gather`` the crops of all ranks serve as pairs."""
+    local_emb = _gathered(out["local_emb"], True, gather)
+    local_ids = _gathered(ids, False, gather)
+    local_valid = _gathered(valid.to(torch.uint8), False, gather).bool()
+    local = local_mi_loss(local_emb, out["global_emb"], local_ids, ids, local_valid, cfg.estimator)
+    if "summary_emb" not in out:
+        return local, torch.zeros((), device=local.device)
+    summary = _gathered(out["summary_emb"], True, gather)
+    return local, global_mi_loss(summary, out["global_emb_g"], local_ids, ids, cfg.estimator)
+
+
+def _prior_samples(
+    shape: torch.Size, cfg: TrainSettings, step: int, rank: int, device: torch.device
+) -> Tensor:
+    """Uniform prior samples, a function of (seed, step, rank) like the batches."""
+    rng = np.random.default_rng([cfg.seed, step, rank, 2])
+    return torch.from_numpy(rng.random(tuple(shape), dtype=np.float32)).to(device)
+
+
+def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> tuple[Tensor, ...]:
+    """Encoder + critics: MI terms and the prior's generator term; returns the loss terms and the codes."""
+    x, ids, valid = _inputs(trainer, batch, cfg, dist.device)
+    with _autocast(cfg, dist.device):
+        out = trainer.train_net(x, valid)
+    local, global_ = _mi_terms(out, ids, valid, cfg, cfg.gather_negatives and dist.distributed)
+    codes = torch.sigmoid(out["global"].float())
+    with frozen(trainer.prior):
+        generator = prior_generator_loss(trainer.prior(codes))
+    gamma = prior_weight(cfg.gamma, trainer.step, cfg.prior_ramp_steps)
+    loss = cfg.beta * local + cfg.alpha * global_ + gamma * generator
+    trainer.optim.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(trainer.net.parameters(), cfg.grad_clip)
+    trainer.optim.step()
+    return loss, local, global_, generator, torch.tensor(gamma), grad_norm, codes.detach()
+
+
+def _prior_step(trainer: Trainer, codes: Tensor, cfg: TrainSettings, dist: DistInfo) -> Tensor:
+    """The discriminator's own step: uniform prior samples against the (detached) codes."""
+    real = _prior_samples(codes.shape, cfg, trainer.step, dist.rank, dist.device)
+    logits = trainer.train_prior(torch.cat([real, codes]))
+    disc = prior_discriminator_loss(logits[: len(real)], logits[len(real) :])
+    trainer.prior_optim.zero_grad(set_to_none=True)
+    disc.backward()
+    trainer.prior_optim.step()
+    return disc
+
+
+def train_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> Tensor:
+    """One step of encoder + critics, then one of the prior discriminator; returns the METRICS (detached)."""
+    loss, local, global_, generator, gamma, grad_norm, codes = _encoder_step(trainer, batch, cfg, dist)
+    disc = _prior_step(trainer, codes, cfg, dist)
+    values = [loss, local, global_, generator, disc, gamma.to(codes.device), grad_norm]
+    return torch.stack([v.detach().float().reshape(()) for v in values])

@@ -1,0 +1,115 @@
+"""Crop batches: shapes, determinism, rank partition, foreground crops, no per-crop normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellmi.errors import UserError
+from cellmi.store import STORE_NAME, join, open_store
+from cellmi.train.data import CropLoader, FieldCache, batch_sample_ids
+
+from .conftest import make_store, tiny_settings
+
+
+def loader_for(workdir: str, rank: int = 0, world: int = 1, **train) -> CropLoader:
+    settings = tiny_settings(workdir, **train)
+    return CropLoader(open_store(join(workdir, STORE_NAME)), settings.train, settings.model.crop, rank, world)
+
+
+def test_batches_have_the_documented_shape_and_are_a_function_of_the_step(store_dir):
+    a, b = loader_for(store_dir), loader_for(store_dir)
+    try:
+        batch = a.batch(3)
+        assert batch.images.shape == (4, 2, 3, 48, 48) and batch.images.dtype.is_floating_point
+        assert batch.masks.shape == (4, 2, 48, 48) and batch.masks.dtype == torch.bool
+        assert sorted(batch.samples.tolist()) == [0, 1, 2, 3]
+        again = b.batch(3)
+        assert (batch.images == again.images).all() and (batch.masks == again.masks).all()
+        assert not (a.batch(4).images == batch.images).all()
+        streamed = next(a.batches(3))
+        assert (streamed.images == batch.images).all()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_samples_are_partitioned_across_ranks_each_epoch():
+    def epoch(first_step: int) -> list[int]:
+        return [
+            i
+            for step in (first_step, first_step + 1)
+            for rank in range(2)
+            for i in batch_sample_ids(8, 2, 2, rank, step, seed=5).tolist()
+        ]
+
+    one, two = epoch(0), epoch(2)
+    assert sorted(one) == sorted(two) == list(range(8))  # each epoch: every sample once, over both ranks
+    assert one != two  # and a new shuffle per epoch
+    assert batch_sample_ids(8, 2, 2, 1, 0, seed=5).tolist() == one[2:4]
+
+
+def test_crops_sit_on_foreground_and_are_not_renormalised(store_dir):
+    loader = loader_for(store_dir, augment=False, min_foreground=0.05)
+    store = loader.store
+    try:
+        batch = loader.batch(0)
+        assert batch.masks.float().mean(dim=(2, 3)).min() > 0
+        fields = [store.normalise(store.read_image(s, f)) for s, f in store.meta.images("train")]
+        for crop in batch.images.flatten(0, 1).numpy():
+            # the crop is a verbatim window of a normalised field (data-set statistics, no per-crop scaling)
+            assert any(_contains(field, crop) for field in fields)
+    finally:
+        loader.close()
+
+
+def _contains(field: np.ndarray, crop: np.ndarray) -> bool:
+    size = crop.shape[-1]
+    hits = np.argwhere(np.isclose(field[0], crop[0, 0, 0]))
+    return any(
+        y + size <= field.shape[1]
+        and x + size <= field.shape[2]
+        and np.array_equal(field[:, y : y + size, x : x + size], crop)
+        for y, x in hits
+    )
+
+
+def test_nuisance_augmentation_changes_intensity_but_not_the_mask(store_dir):
+    plain = loader_for(store_dir, augment=False)
+    jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
+    try:
+        a, b = plain.batch(0), jitter.batch(0)
+        assert not np.allclose(a.images.numpy(), b.images.numpy())
+        assert a.masks.float().mean() == pytest.approx(b.masks.float().mean().item())  # flips/rotations only
+    finally:
+        plain.close()
+        jitter.close()
+
+
+def test_field_cache_is_bounded(store_dir):
+    store = open_store(join(store_dir, STORE_NAME))
+    cache = FieldCache(store, capacity=2)
+    for sample, field in store.meta.images("train"):
+        cache.get(sample, field)
+        assert len(cache) <= 2
+    assert cache.get(*store.meta.images("train")[-1]).pixels.dtype == np.float32
+
+
+def test_bad_batch_or_crop_settings_are_user_errors(store_dir):
+    with pytest.raises(UserError, match="BATCH_SAMPLES=5 exceeds the 4 training samples"):
+        loader_for(store_dir, batch_samples=5)
+    settings = tiny_settings(store_dir)
+    with pytest.raises(UserError, match="CROP=128 is larger than the fields"):
+        CropLoader(open_store(join(store_dir, STORE_NAME)), settings.train, 128)
+
+
+def test_batches_read_from_s3(s3_env):
+    make_store(join(s3_env, "run", STORE_NAME), samples=3, fields=1)
+    loader = loader_for(join(s3_env, "run"), batch_samples=3, fields_per_sample=2)
+    try:
+        batch = loader.batch(0)
+        assert batch.images.shape == (3, 2, 3, 48, 48)
+        assert np.isfinite(batch.images.numpy()).all()
+    finally:
+        loader.close()

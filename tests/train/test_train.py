@@ -1,0 +1,139 @@
+"""The training job: leaves JSD chance, stops on steps or time budget, resumes exactly after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cellmi.errors import UserError
+from cellmi.losses import JSD_CHANCE
+from cellmi.store import STORE_NAME
+from cellmi.train.checkpoint import latest_checkpoint, load_checkpoint
+from cellmi.train.job import main
+
+from .conftest import tiny_settings
+
+
+@pytest.fixture
+def workdir(store_dir, tmp_path):
+    """A fresh run folder holding a copy of the tiny store."""
+    shutil.copytree(os.path.join(store_dir, STORE_NAME), tmp_path / STORE_NAME)
+    return str(tmp_path)
+
+
+def metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "checkpoints", "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_loss_leaves_jsd_chance_within_a_bounded_number_of_steps(workdir):
+    assert main(tiny_settings(workdir, steps=120, checkpoint_every=1000)) == 0
+    records = metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, 121))
+    last = [r["local"] for r in records[-20:]]
+    assert sum(last) / len(last) < JSD_CHANCE - 0.3, last
+    state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
+    assert state["step"] == 120 and state["stop_reason"] == "steps"
+    assert all(r["crops_per_s"] > 0 and r["gamma"] <= 0.1 for r in records)
+
+
+def test_time_budget_stops_training_and_is_recorded(workdir):
+    assert main(tiny_settings(workdir, steps=100_000, time_budget_s=1.0, checkpoint_every=1000)) == 0
+    url = latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    state = load_checkpoint(url)
+    assert state["stop_reason"] == "time_budget" and 0 < state["step"] < 100_000
+    assert 1.0 <= state["train_seconds"] < 30
+    with open(url[:-3] + ".json") as handle:
+        sidecar = json.load(handle)
+    assert sidecar["stop_reason"] == "time_budget" and sidecar["arch"]["crop"] == 48
+    # the budget is spent: a restart resumes and stops at once without training further
+    assert main(tiny_settings(workdir, steps=100_000, time_budget_s=1.0, checkpoint_every=1000)) == 0
+    assert latest_checkpoint(os.path.join(workdir, "checkpoints")) == url
+
+
+def test_resume_refuses_another_architecture(workdir):
+    main(tiny_settings(workdir, steps=2))
+    settings = tiny_settings(workdir, steps=4)
+    settings.model.width = 16
+    with pytest.raises(UserError, match="was trained with model"):
+        main(settings)
+
+
+def job_env(workdir: str, **train) -> dict[str, str]:
+    """The settings of ``tiny_settings`` as CELLMI_* variables for a ``cellmi train`` process."""
+    settings = tiny_settings(workdir, **train)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CELLMI_WORKDIR": workdir}
+    for section in ("model", "train"):
+        for key, value in getattr(settings, section).model_dump().items():
+            env[f"CELLMI_{section}__{key}".upper()] = "null" if value is None else str(value).lower()
+    return env
+
+
+def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
+    k = 12
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    for folder in (straight, killed):
+        shutil.copytree(os.path.join(store_dir, STORE_NAME), os.path.join(folder, STORE_NAME))
+    assert main(tiny_settings(straight, steps=2 * k, checkpoint_every=k)) == 0
+
+    # a real process, killed (SIGKILL, no chance to clean up) right after its step-K checkpoint
+    env = job_env(killed, steps=2 * k, checkpoint_every=k)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellmi", "train"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    sidecar = os.path.join(killed, "checkpoints", f"step_{k:06d}.json")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(sidecar) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert latest_checkpoint(os.path.join(killed, "checkpoints")).endswith(f"step_{k:06d}.pt")
+
+    assert main(tiny_settings(killed, steps=2 * k, checkpoint_every=k)) == 0  # resumes at step K
+    a = load_checkpoint(latest_checkpoint(os.path.join(straight, "checkpoints")))
+    b = load_checkpoint(latest_checkpoint(os.path.join(killed, "checkpoints")))
+    assert a["step"] == b["step"] == 2 * k
+    for key in ("encoder", "prior"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    for name, tensor in a["critics"]["local"].items():
+        torch.testing.assert_close(b["critics"]["local"][name], tensor, rtol=0, atol=1e-6)
+    assert [r["step"] for r in metrics(killed)] == list(range(1, 2 * k + 1))
+
+
+def test_sigterm_checkpoints_and_exits_for_a_restart(workdir):
+    env = job_env(workdir, steps=100_000, checkpoint_every=100_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellmi", "train"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    log_file = os.path.join(workdir, "checkpoints", "metrics.jsonl")
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(log_file) and len(metrics(workdir)) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes, SLURM and torchrun send on preemption
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
+    assert state["step"] >= 3 and state["stop_reason"] is None
+
+
+@pytest.mark.parametrize("estimator", ["jsd", "infonce", "dv"])
+def test_every_estimator_with_the_global_term_trains(workdir, estimator):
+    result_code = main(tiny_settings(workdir, steps=4, alpha=0.5, estimator=estimator, checkpoint_every=2))
+    assert result_code == 0
+    records = metrics(workdir)
+    assert len(records) == 4 and all(r["global"] != 0 for r in records)
+    assert all(abs(r[k]) < 1e6 for r in records for k in ("loss", "local", "global", "prior_disc"))
+    state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
+    assert set(state["critics"]) == {"local", "global"}
