@@ -1,0 +1,288 @@
+"""Inference speed: shared map vs naive, Dask vs one process, S3 (moto) vs local disk.
+
+    python benchmarks/bench_infer.py                    # 8 synthetic 512 px fields, the default encoder
+    python benchmarks/bench_infer.py --samples 2 --fields 2 --size 256   # a quick look
+
+All numbers come from one run on this machine; the encoder is untrained (speed does not depend
+on the weights) with the default architecture (128 px crop, stride 8). Writes
+benchmarks/out/infer.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+MODES = ("shared", "naive")
+
+
+def make_run(workdir: str, samples: int, fields: int, size: int) -> None:
+    """A synthetic store (real generator, GMM masks) and an untrained default-architecture checkpoint."""
+    from cellmi.data.synth_job import synth_store
+    from cellmi.model import build_encoder
+    from cellmi.settings import Settings
+    from cellmi.store import join
+    from cellmi.train.checkpoint import CHECKPOINT_KEYS, FORMAT, save_checkpoint
+
+    settings = Settings(
+        workdir=workdir,
+        synth={"samples": samples, "fields": fields, "size": size},
+        ingest={"n_test": 1, "workers": 2},
+    )
+    synth_store(settings, join(workdir, "store.zarr"))
+    model = settings.model
+    arch = {
+        "in_channels": 3,
+        "width": model.width,
+        "local_dim": model.local_dim,
+        "global_dim": model.global_dim,
+        "crop": model.crop,
+    }
+    state = {key: {} for key in CHECKPOINT_KEYS}
+    state.update(
+        format=FORMAT,
+        arch=arch,
+        encoder=build_encoder(arch, 1).state_dict(),
+        step=1,
+        stop_reason="benchmark",
+        settings={"model": model.model_dump()},
+        channels=["DNA", "pH3", "actin"],
+        train_seconds=0.0,
+    )
+    save_checkpoint(join(workdir, "checkpoints"), state, 1, keep=1)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def encode_all(embed, model, pixels: list, corners, window: int) -> list:
+    return [embed(model, p, corners, window, 64) for p in pixels]
+
+
+def settings_for(workdir: str, **infer):
+    from cellmi.settings import Settings
+
+    return Settings(workdir=workdir, force=True, infer={"workers": 2, **infer})
+
+
+def interleaved(repeats: int, runs: dict) -> dict[str, float]:
+    """Fastest of a few runs of each, taking turns, so a busy spell on a shared machine hits all alike."""
+    times = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, (fn, *args) in runs.items():
+            times[name] = min(times[name], timed(fn, *args)[0])
+    return times
+
+
+def shared_vs_naive(workdir: str, threads: int, fields: int = 4) -> list[dict]:
+    """Fields/s in one process: the whole task (DIM + random + hand-crafted) and the DIM encoder alone."""
+    import torch
+
+    from cellmi.infer.embed import embed_naive, embed_shared
+    from cellmi.infer.job import compute_in_process, make_plan
+    from cellmi.infer.task import load_models
+    from cellmi.infer.windows import window_grid
+    from cellmi.store import open_store
+
+    torch.set_num_threads(threads)
+    rows = []
+    window = make_plan(settings_for(workdir)).job.window
+    for divisor in (2, 4):
+        stride = window // divisor
+        plans = {
+            m: make_plan(settings_for(workdir, stride=stride, mode=m, keep_background=True)) for m in MODES
+        }
+        job, some = plans["shared"].job, plans["shared"].fields[:fields]
+        store = open_store(job.store)
+        model = load_models(job.checkpoint, job.checkpoint_sha256, 0).dim
+        pixels = [store.normalise(store.read_image(s, f)) for s, f in some]
+        corners = window_grid(store.meta.shape, window, stride)
+        compute_in_process(job, some[:1], threads)  # warm-up: model load, allocator
+        times = interleaved(
+            3,
+            {
+                **{f"{m}_task": (compute_in_process, plans[m].job, some, threads) for m in MODES},
+                "shared_encoder": (encode_all, embed_shared, model, pixels, corners, window),
+                "naive_encoder": (encode_all, embed_naive, model, pixels, corners, window),
+            },
+        )
+        row = {"stride": stride, "window": window, "windows_per_field": len(corners), "fields": len(some)}
+        row.update({f"{k}_fields_per_s": len(some) / v for k, v in times.items()})
+        row["task_speedup"] = times["naive_task"] / times["shared_task"]
+        row["encoder_speedup"] = times["naive_encoder"] / times["shared_encoder"]
+        rows.append(row)
+    return rows
+
+
+def dask_vs_process(workdir: str) -> dict:
+    """2 single-thread Dask workers vs one process with 2 torch threads, stride window/2, shared map."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from cellmi.infer.fanout import compute_parts
+    from cellmi.infer.job import compute_in_process, make_plan, run_inference, run_key
+    from cellmi.infer.parts import prepare_parts
+    from cellmi.store import remove
+
+    plan = make_plan(settings_for(workdir))
+    compute_in_process(plan.job, plan.fields[:1], 2)
+    groups = [[f] for f in plan.fields]
+
+    def on_dask(client: Client) -> None:
+        remove(plan.job.parts)
+        prepare_parts(plan.job.parts, run_key(plan))
+        compute_parts(client, plan.job, groups, 0)
+
+    start_s, cluster = timed(
+        LocalCluster,
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster) as client:
+        cold, _ = timed(on_dask, client)  # each worker imports torch and loads the models
+        times = interleaved(
+            2, {"in_process": (compute_in_process, plan.job, plan.fields, 2), "dask_warm": (on_dask, client)}
+        )
+        remove(plan.job.parts)
+    in_process, runs = times["in_process"], [cold, times["dask_warm"]]
+    end_to_end, _ = timed(run_inference, settings_for(workdir))
+    n = len(plan.fields)
+    return {
+        "fields": n,
+        "in_process_2_threads_fields_per_s": n / in_process,
+        "dask_2x1_cold_fields_per_s": n / runs[0],
+        "dask_2x1_warm_fields_per_s": n / runs[1],
+        "dask_warm_speedup": in_process / runs[1],
+        "cluster_start_s": start_s,
+        "end_to_end_cellmi_infer_s": end_to_end,
+    }
+
+
+def read_all(store, fields: list) -> list:
+    return [(store.read_image(s, f), store.read_mask(s, f)) for s, f in fields]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def s3_vs_local(workdir: str, samples: int, fields: int, size: int) -> dict:
+    """Reading every field (pixels + mask) and the in-process task, from moto S3 and from local disk."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from cellmi.infer.job import compute_in_process, make_plan
+    from cellmi.store import open_store
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        s3_workdir = "s3://bench/run"
+        make_run(s3_workdir, samples, fields, size)
+        plans = {"local": make_plan(settings_for(workdir)), "s3": make_plan(settings_for(s3_workdir))}
+        stores = {k: open_store(p.job.store) for k, p in plans.items()}
+        for plan in plans.values():
+            compute_in_process(plan.job, plan.fields[:1], 2)
+        times = interleaved(
+            2,
+            {
+                **{f"{k}_read": (read_all, stores[k], p.fields) for k, p in plans.items()},
+                **{f"{k}_task": (compute_in_process, p.job, p.fields, 2) for k, p in plans.items()},
+            },
+        )
+        n = len(plans["local"].fields)
+        out = {f"{k}_fields_per_s": n / v for k, v in times.items()}
+        out["read_slowdown_s3"] = times["s3_read"] / times["local_read"]
+        return out
+    finally:
+        server.stop()
+
+
+def table(report: dict) -> str:
+    lines = ["| measurement | value |", "|---|---|"]
+    for row in report["shared_vs_naive"]:
+        s = f"stride {row['stride']} ({row['windows_per_field']} windows/field)"
+        lines += [
+            f"| {s}: shared map, whole task | {row['shared_task_fields_per_s']:.2f} fields/s |",
+            f"| {s}: naive, whole task | {row['naive_task_fields_per_s']:.2f} fields/s |",
+            f"| {s}: shared / naive, whole task | {row['task_speedup']:.1f}x |",
+            f"| {s}: shared / naive, DIM encoder only | {row['encoder_speedup']:.1f}x |",
+        ]
+    d = report["dask_vs_process"]
+    lines += [
+        f"| one process, 2 torch threads | {d['in_process_2_threads_fields_per_s']:.2f} fields/s |",
+        f"| Dask LocalCluster 2 x 1 thread, cold | {d['dask_2x1_cold_fields_per_s']:.2f} fields/s |",
+        f"| Dask LocalCluster 2 x 1 thread, warm | {d['dask_2x1_warm_fields_per_s']:.2f} fields/s |",
+        f"| Dask warm / one process | {d['dask_warm_speedup']:.2f}x |",
+        f"| LocalCluster start-up | {d['cluster_start_s']:.1f} s |",
+        f"| `cellmi infer` end to end ({d['fields']} fields) | {d['end_to_end_cellmi_infer_s']:.1f} s |",
+    ]
+    s3 = report["s3_vs_local"]
+    lines += [
+        f"| read field + mask, local disk | {s3['local_read_fields_per_s']:.1f} fields/s |",
+        f"| read field + mask, S3 (moto on loopback) | {s3['s3_read_fields_per_s']:.1f} fields/s |",
+        f"| whole task from local / from S3 | {s3['local_task_fields_per_s']:.2f} / "
+        f"{s3['s3_task_fields_per_s']:.2f} fields/s |",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--fields", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    from cellmi.log import setup_logging
+
+    setup_logging("WARNING")
+    workdir = str(OUT / "infer-run")
+    shutil.rmtree(workdir, ignore_errors=True)
+    make_run(workdir, args.samples, args.fields, args.size)
+    load_before = os.getloadavg()[0]
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+        },
+        "data": {"samples": args.samples, "fields": args.fields, "size": args.size},
+        "shared_vs_naive": shared_vs_naive(workdir, threads=2),
+        "dask_vs_process": dask_vs_process(workdir),
+        "s3_vs_local": s3_vs_local(workdir, args.samples, args.fields, args.size),
+    }
+    # other users of a shared machine skew timings: record how busy it was
+    report["machine"]["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "infer.json").write_text(json.dumps(report, indent=2))
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()

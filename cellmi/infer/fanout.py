@@ -1,0 +1,111 @@
+"""Dask fan-out: an embedded LocalCluster or an existing scheduler, one task per group of fields."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dask
+from distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
+
+from cellmi.errors import UserError
+from cellmi.infer.task import InferJob, run_task
+from cellmi.log import log, progress_enabled
+from cellmi.settings import InferSettings
+
+__all__ = ["compute_parts", "dask_client", "scheduler_address"]
+
+CONNECT_TIMEOUT = "30s"
+
+
+def _cores() -> int:
+    """CPU cores this process may use (a container's CPU set, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def scheduler_address(settings: InferSettings) -> str | None:
+    """The scheduler to connect to: the setting, else ``DASK_SCHEDULER_ADDRESS``, else none."""
+    return settings.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+@contextmanager
+def dask_client(settings: InferSettings) -> Iterator[Client]:
+    """A client of the configured scheduler, or of a LocalCluster started here and closed after."""
+    address = scheduler_address(settings)
+    cluster = None
+    if address:
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"cannot reach the Dask scheduler {address} (CELLMI_INFER__SCHEDULER_ADDRESS or "
+                f"DASK_SCHEDULER_ADDRESS): {reason}"
+            ) from None
+        log.info(
+            "connected to Dask scheduler %s (%d workers)",
+            address,
+            len(client.scheduler_info(n_workers=-1)["workers"]),
+        )
+    else:
+        workers = settings.workers or _cores()
+        # A worker that dies mid-task counts against allowed-failures, not the task's retries.
+        with dask.config.set({"distributed.scheduler.allowed-failures": max(settings.retries, 1)}):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+            )
+            client = Client(cluster)
+        log.info("started a local Dask cluster: %d worker processes x 1 thread", workers)
+    log.info("Dask dashboard: %s", client.dashboard_link)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, str]]], retries: int) -> int:
+    """Run one task per group of fields with a progress bar; returns the fields computed.
+
+    Every task runs to the end even when some fail, so a re-run only has the failed fields left.
+    """
+    futures = {
+        client.submit(
+            run_task,
+            job,
+            group,
+            key=f"infer-{group[0][0]}_{group[0][1]}-{job.run_id}",
+            pure=False,
+            retries=retries,
+        ): group
+        for group in groups
+    }
+    total = sum(len(g) for g in groups)
+    computed, failed = 0, []
+    with tqdm(total=total, unit="field", desc="infer", disable=not progress_enabled()) as bar:
+        for future in as_completed(futures):
+            group = futures[future]
+            try:
+                computed += len(future.result())
+            except Exception as err:
+                failed.append((group, err))
+            bar.update(len(group))
+    if failed:
+        (sample, field), err = failed[0][0][0], failed[0][1]
+        count = sum(len(g) for g, _ in failed)
+        raise UserError(
+            f"{count} field(s) failed after {retries} retries, first {sample}_{field}: "
+            f"{type(err).__name__}: {err}; re-run to finish them (done fields are kept)"
+        )
+    return computed

@@ -1,0 +1,81 @@
+"""Shared local map == each window encoded alone; hand-crafted features against direct numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellmi.infer.embed import activation_bytes, embed_naive, embed_shared
+from cellmi.infer.handcrafted import feature_names, window_features
+from cellmi.infer.windows import window_grid
+from tests.infer.standin import tiny_encoder
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "window", "stride", "crop"),
+    [((96, 96), 32, 16, 48), ((100, 90), 48, 8, 48), ((64, 64), 64, 4, 48), ((150, 140), 128, 16, 128)],
+)
+def test_shared_map_equals_naive_within_1e5(shape, window, stride, crop):
+    """Also with the stride-2 stem of 128 px crops (encoder stride 8) and flush edge windows off the grid."""
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(3, *shape)).astype(np.float32)
+    encoder = tiny_encoder(crop=crop)
+    corners = window_grid(shape, window, stride)
+    shared = embed_shared(encoder, pixels, corners, window, batch=7)
+    naive = embed_naive(encoder, pixels, corners, window, batch=5)
+    assert shared.shape == (len(corners), 6) and shared.dtype == np.float32
+    assert np.abs(shared).max() > 0.1  # not a trivial all-zero output
+    assert np.abs(shared - naive).max() <= 1e-5
+
+
+def test_shared_map_would_differ_off_the_encoder_grid():
+    """The comparison can fail: a window shifted off the stride grid gives other vectors."""
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(3, 64, 64)).astype(np.float32)
+    encoder = tiny_encoder()
+    grid = np.array([[0, 0], [4, 8]])
+    shifted = np.array([[0, 0], [2, 8]])
+    a = embed_shared(encoder, pixels, grid, 32)
+    b = embed_naive(encoder, pixels, shifted, 32)
+    assert np.abs(a[0] - b[0]).max() <= 1e-5 and np.abs(a[1] - b[1]).max() > 1e-3
+
+
+def test_no_windows_give_an_empty_matrix_of_the_right_width():
+    pixels = np.zeros((3, 64, 64), np.float32)
+    for embed in (embed_shared, embed_naive):
+        assert embed(tiny_encoder(), pixels, np.zeros((0, 2), np.int64), 32).shape == (0, 6)
+
+
+def test_activation_bytes_grow_with_the_input():
+    small, shape = activation_bytes(tiny_encoder(), 3, 32)
+    big, _ = activation_bytes(tiny_encoder(), 3, 64)
+    assert shape == (8, tiny_encoder().local_size(32), tiny_encoder().local_size(32))
+    assert 3.5 < big / small < 4.5
+
+
+def test_handcrafted_features_match_numpy_on_one_window():
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 4000, (3, 48, 48)).astype(np.uint16)
+    norm = (np.log1p(raw.astype(np.float32)) - 5) / 2
+    mask = rng.random((48, 48)) < 0.4
+    corners = np.array([[0, 0], [16, 8]])
+    feats = window_features(raw, norm, mask, corners, 32)
+    names = feature_names(["DNA", "pH3", "actin"])
+    assert feats.shape == (2, len(names)) and len(set(names)) == len(names)
+    row = dict(zip(names, feats[1], strict=True))
+    win = (slice(16, 48), slice(8, 40))
+    actin_raw = raw[2][win].astype(np.float64)
+    assert row["actin_raw_mean"] == pytest.approx(actin_raw.mean(), rel=1e-5)
+    assert row["actin_raw_p95"] == np.percentile(actin_raw, 95, method="lower")
+    assert row["pH3_raw_p05"] == np.percentile(raw[1][win], 5, method="lower")
+    assert row["DNA_norm_p50"] == pytest.approx(np.percentile(norm[0][win], 50, method="lower"), rel=1e-6)
+    assert row["actin_norm_p95"] == pytest.approx(np.percentile(norm[2][win], 95, method="lower"), rel=1e-6)
+    assert row["pH3_norm_std"] == pytest.approx(norm[1][win].std(), rel=1e-4)
+    assert row["DNA_fg_norm_mean"] == pytest.approx(norm[0][win][mask[win]].mean(), rel=1e-4)
+    assert row["fg_fraction"] == pytest.approx(mask[win].mean())
+    gy, gx = np.diff(norm[0][win], axis=0), np.diff(norm[0][win], axis=1)
+    assert row["DNA_grad_energy"] == pytest.approx((gy**2).mean() + (gx**2).mean(), rel=1e-4)
+    assert feats[0, names.index("DNA_raw_mean")] != feats[1, names.index("DNA_raw_mean")]
