@@ -1,0 +1,658 @@
+"""``cellmi cluster``: UMAP + Gaussian mixture over window representations; metrics, figures, report.
+
+    cellmi cluster --workdir ./w                          # the held-out samples (split test)
+    cellmi cluster --workdir ./w --cluster.split all --cluster.select bic
+    cellmi cluster --workdir ./w --cluster.apply_to s3://bucket/other/representations.zarr
+
+Reads ``{workdir}/representations.zarr`` and writes ``{workdir}/analysis/`` (local or s3://):
+
+    clusters_windows.parquet  one row per window of the split: Metadata_sample, Metadata_field,
+                              Metadata_y, Metadata_x, Metadata_split, Metadata_fg_fraction,
+                              [Metadata_phenotype], cluster, probability, umap_0.., and the
+                              baselines' window clusters cluster_random, cluster_handcrafted
+    clusters_images.parquet   one row per field: Metadata_sample, Metadata_field, Metadata_split,
+                              [Metadata_phenotype], n_windows, cluster (the default labels, see
+                              cluster.image_labels), share (majority share of the window vote),
+                              cluster_vote, cluster_profile (aligned to the vote's cluster ids)
+    metrics.json              metrics[feature_set][split][score] for feature sets dim, random,
+                              handcrafted; scores in SCORE_KEYS (null where not computed). The
+                              chosen split has every score; the other splits ("all" always) only
+                              image-level scores of field-profile clustering with one cluster
+                              per sample, plus retrieval mAP and 1-NN accuracy.
+    umap.png, confusion.png, gallery.png[, bic.png]
+    cluster_traits.csv        per window cluster: size, main sample, foreground fraction, mean
+                              foreground intensity per channel, pH3-positive area (sampled windows)
+    model.joblib              standardiser + UMAP + mixture + field-profile model of the DIM vectors
+                              (a joblib pickle that this job wrote; load only files you trust)
+    report.html               the self-contained report, written last (it marks the stage done)
+
+With ``--cluster.apply_to URL`` the saved model assigns another representations store (or its
+``representations.parquet``) to the same clusters and writes ``analysis/applied/``: the same two
+tables and a small metrics.json.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.mixture import GaussianMixture
+
+from cellmi import __version__
+from cellmi.analyze.figures import Panel, bic_figure, confusion_figure, gallery_figure, umap_figure
+from cellmi.analyze.gallery import (
+    cluster_traits,
+    colour_slots,
+    composite,
+    cut_windows,
+    display_range,
+    strip_png,
+    window_traits,
+)
+from cellmi.analyze.metrics import cluster_scores, confusion, mean_average_precision, nn_accuracy
+from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.profiles import (
+    ProfileModel,
+    align_labels,
+    assign_profiles,
+    field_profiles,
+    fit_profiles,
+    relabel,
+)
+from cellmi.analyze.reduce import CHUNK, Reducer, embed, embed_2d, fit_reducer
+from cellmi.analyze.report import ClusterView, ReportData, render_report
+from cellmi.errors import UserError
+from cellmi.log import log
+from cellmi.representations import (
+    REPR_ZARR,
+    Representations,
+    load_representations,
+    read_parquet,
+    write_parquet,
+)
+from cellmi.settings import ClusterSettings, Settings, as_dict
+from cellmi.store import exists, join, open_store, read_bytes, write_bytes_atomic
+
+ANALYSIS = "analysis"
+APPLIED = "applied"
+MODEL_FILE = "model.joblib"
+FEATURE_SETS = ("dim", "random", "handcrafted")
+TRAIT_WINDOWS = 64  # windows per cluster whose pixels are measured for the traits table
+LOCAL_DASK_ABOVE = 10 * CHUNK  # windows to place before starting a local Dask cluster pays off
+SCORE_KEYS = (
+    "n_windows",
+    "n_images",
+    "n_samples",
+    "n_clusters",
+    "window_ari",
+    "window_nmi",
+    "window_purity",
+    "window_ari_phenotype",
+    "window_nmi_phenotype",
+    "image_ari",
+    "image_nmi",
+    "image_purity",
+    "image_ari_phenotype",
+    "image_nmi_phenotype",
+    "image_ari_vote",
+    "image_nmi_vote",
+    "image_purity_vote",
+    "image_ari_profile",
+    "image_nmi_profile",
+    "image_purity_profile",
+    "map",
+    "nn_accuracy",
+)
+OTHER_SPLITS = {"test": ("train", "all"), "train": ("test", "all"), "all": ()}
+
+
+@contextmanager
+def timed(step: str, timings: dict[str, float]) -> Iterator[None]:
+    """Log a step's wall time and record it in ``timings``."""
+    start = time.perf_counter()
+    yield
+    timings[step] = round(time.perf_counter() - start, 2)
+    log.info("cluster: %s took %.1f s", step, timings[step])
+
+
+# ---------------------------------------------------------------- input
+def load_input(url: str) -> Representations:
+    """A representations store, or its Parquet table (which holds the DIM features only)."""
+    if not url.endswith(".parquet"):
+        return load_representations(url)
+    if not exists(url):
+        raise UserError(f"{url}: no such representations table")
+    frame = read_parquet(url)
+    meta = {c: f"Metadata_{c}" for c in ("sample", "field", "split", "y", "x", "fg_fraction", "background")}
+    missing = [v for v in meta.values() if v not in frame.columns]
+    feats = [c for c in frame.columns if c.startswith("f") and c[1:].isdigit()]
+    if missing or not feats:
+        raise UserError(
+            f"{url}: not a representations table (missing {missing or 'feature columns f000...'})"
+        )
+    table = pd.DataFrame({k: frame[v].to_numpy() for k, v in meta.items()})
+    return Representations(table, {"dim": frame[feats].to_numpy(np.float32)}, {})
+
+
+def usable_windows(reps: Representations, url: str) -> Representations:
+    """Foreground windows only, every feature finite; bad input is a UserError naming ``url``."""
+    if "dim" not in reps.features:
+        raise UserError(f"{url}: no 'dim' feature set in the representations")
+    for name, matrix in reps.features.items():
+        if not np.isfinite(matrix).all():
+            raise UserError(f"{url}: feature set {name!r} holds NaN or infinite values")
+    keep = ~reps.table["background"].to_numpy(bool)
+    if not keep.any():
+        raise UserError(f"{url}: no foreground windows to cluster")
+    return reps.subset(keep)
+
+
+def split_rows(reps: Representations, split: str, url: str) -> Representations:
+    """Windows of one split (``all``: every window); an empty split is a UserError."""
+    if split == "all":
+        return reps
+    rows = reps.table["split"].to_numpy() == split
+    if not rows.any():
+        present = sorted(set(reps.table["split"]))
+        raise UserError(
+            f"{url}: no windows in split {split!r} (present: {present}); set CELLMI_CLUSTER__SPLIT"
+        )
+    return reps.subset(rows)
+
+
+def phenotype_map(reps: Representations) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (reps.attrs.get("phenotypes") or {}).items()}
+
+
+@contextmanager
+def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
+    """A Dask client when many windows must be placed: the configured scheduler, else a local cluster."""
+    address = settings.infer.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if to_place == 0 or (not address and to_place < LOCAL_DASK_ABOVE):
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if address:
+        with Client(address) as client:
+            yield client
+        return
+    workers = settings.infer.workers or os.cpu_count() or 1
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+# ---------------------------------------------------------------- clustering
+@dataclass
+class Clustering:
+    """One feature set clustered on the chosen split: windows (N,) and fields (M,)."""
+
+    reducer: Reducer
+    mixture: GaussianMixture
+    z: np.ndarray  # (N, D) clustering embedding
+    labels: np.ndarray  # (N,) window cluster
+    prob: np.ndarray  # (N,) its posterior probability
+    fields: pd.DataFrame  # (M,) sample, field, split, n_windows, cluster_vote, share, cluster_profile
+    profiles: np.ndarray  # (M, F) field profiles
+    profile_model: ProfileModel
+    bic: dict[int, float]
+
+
+def cluster_windows(
+    x: np.ndarray, cfg: ClusterSettings, k: int, select: str, client: Any
+) -> tuple[Reducer, GaussianMixture, np.ndarray, dict[int, float]]:
+    """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding and BIC scores (when chosen by BIC)."""
+    reducer = fit_reducer(
+        x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
+    )
+    z = embed(reducer, x, client)
+    fit_z = reducer.fit_embedding
+    if select == "bic":
+        gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
+    else:
+        gmm, bic = fit_mixture(fit_z, k, cfg.seed), {}
+    return reducer, gmm, z, bic
+
+
+def cluster_fields(
+    table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int
+) -> tuple[pd.DataFrame, np.ndarray, ProfileModel]:
+    """Vote and profile labels per field; profile ids are aligned to the vote's ids."""
+    fields, profiles = field_profiles(table, x, cfg.aggregate)
+    votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
+    fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
+    model, plabels = fit_profiles(profiles, k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    mapping = align_labels(fields["cluster_vote"].to_numpy(), plabels)
+    model, plabels = relabel(model, plabels, mapping)
+    fields["cluster_profile"] = plabels
+    return fields, profiles, model
+
+
+def cluster_feature_set(
+    reps: Representations, name: str, cfg: ClusterSettings, k: int, select: str, client: Any
+) -> Clustering:
+    x = reps.features[name]
+    reducer, gmm, z, bic = cluster_windows(x, cfg, k, select, client)
+    labels, prob = assign(gmm, z)
+    fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components)
+    return Clustering(reducer, gmm, z, labels, prob, fields, profiles, model, bic)
+
+
+# ---------------------------------------------------------------- scores
+def empty_scores() -> dict[str, Any]:
+    return dict.fromkeys(SCORE_KEYS)
+
+
+def _scores(truth: np.ndarray, pred: np.ndarray, prefix: str, suffix: str = "") -> dict[str, Any]:
+    found = cluster_scores(truth, pred)
+    return {f"{prefix}_{k}{suffix}": v for k, v in found.items() if suffix != "_phenotype" or k != "purity"}
+
+
+def _phenotypes_of(samples: pd.Series, phen: dict[str, str]) -> np.ndarray | None:
+    values = samples.astype(str).map(phen)
+    return None if values.isna().any() else values.to_numpy()
+
+
+def image_scores(
+    fields: pd.DataFrame, labels: np.ndarray, suffix: str, phen: dict[str, str]
+) -> dict[str, Any]:
+    out = _scores(fields["sample"].astype(str).to_numpy(), labels, "image", suffix)
+    truth = _phenotypes_of(fields["sample"], phen)
+    if suffix == "" and truth is not None:
+        out.update(_scores(truth, labels, "image", "_phenotype"))
+    return out
+
+
+def retrieval_scores(model: ProfileModel, profiles: np.ndarray, fields: pd.DataFrame) -> dict[str, Any]:
+    """Own-sample retrieval of standardised field profiles: mAP and 1-NN accuracy."""
+    scaled = model.scale(profiles)
+    samples = fields["sample"].astype(str).to_numpy()
+    return {"map": mean_average_precision(scaled, samples), "nn_accuracy": nn_accuracy(scaled, samples)}
+
+
+def primary_scores(reps: Representations, c: Clustering, cfg: ClusterSettings, phen: dict[str, str]) -> dict:
+    """Every score on the clustered split."""
+    table, fields = reps.table, c.fields
+    out = empty_scores()
+    out.update(
+        n_windows=len(table),
+        n_images=len(fields),
+        n_samples=int(table["sample"].nunique()),
+        n_clusters=int(c.mixture.n_components),
+    )
+    out.update(_scores(table["sample"].astype(str).to_numpy(), c.labels, "window"))
+    truth = _phenotypes_of(table["sample"], phen)
+    if truth is not None:
+        out.update(_scores(truth, c.labels, "window", "_phenotype"))
+    out.update(image_scores(fields, fields["cluster_vote"].to_numpy(), "_vote", phen))
+    out.update(image_scores(fields, fields["cluster_profile"].to_numpy(), "_profile", phen))
+    out.update(image_scores(fields, fields[f"cluster_{cfg.image_labels}"].to_numpy(), "", phen))
+    out.update(retrieval_scores(c.profile_model, c.profiles, fields))
+    return out
+
+
+def profile_split(
+    reps: Representations, split: str, name: str, cfg: ClusterSettings, phen: dict[str, str]
+) -> tuple[dict, pd.DataFrame] | None:
+    """Image-level scores of a split from field profiles alone (one cluster per sample); no UMAP."""
+    sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
+    if sub.table["sample"].nunique() < 2:
+        return None
+    fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate)
+    k = int(fields["sample"].nunique())
+    model, labels = fit_profiles(profiles, k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    fields["cluster_profile"] = labels
+    out = empty_scores()
+    out.update(n_images=len(fields), n_samples=k, n_clusters=int(labels.max()) + 1)
+    out.update(image_scores(fields, labels, "_profile", phen))
+    out.update(image_scores(fields, labels, "", phen))
+    out.update(retrieval_scores(model, profiles, fields))
+    return out, fields
+
+
+# ---------------------------------------------------------------- tables
+def _meta(table: pd.DataFrame, phen: dict[str, str], columns: tuple[str, ...]) -> dict[str, Any]:
+    out = {f"Metadata_{c}": table[c].to_numpy() for c in columns}
+    if phen:
+        out["Metadata_phenotype"] = table["sample"].astype(str).map(phen).to_numpy()
+    return out
+
+
+def window_frame(
+    table: pd.DataFrame,
+    labels: np.ndarray,
+    prob: np.ndarray,
+    z: np.ndarray,
+    phen: dict[str, str],
+    others: dict[str, np.ndarray],
+) -> pd.DataFrame:
+    """One row per window: Metadata_* columns, cluster, probability, umap_*, cluster_<baseline>."""
+    data = _meta(table, phen, ("sample", "field", "y", "x", "split", "fg_fraction"))
+    data.update(cluster=labels, probability=prob)
+    data.update({f"umap_{i}": z[:, i] for i in range(z.shape[1])})
+    data.update({f"cluster_{name}": values for name, values in others.items()})
+    return pd.DataFrame(data)
+
+
+def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str]) -> pd.DataFrame:
+    """One row per field: Metadata_* columns, n_windows, cluster, share, cluster_vote, cluster_profile."""
+    data = _meta(fields, phen, ("sample", "field", "split"))
+    data.update(
+        n_windows=fields["n_windows"].to_numpy(),
+        cluster=fields[f"cluster_{default}"].to_numpy(),
+        share=fields["share"].to_numpy(),
+        cluster_vote=fields["cluster_vote"].to_numpy(),
+        cluster_profile=fields["cluster_profile"].to_numpy(),
+    )
+    return pd.DataFrame(data)
+
+
+# ---------------------------------------------------------------- model file
+def save_model(url: str, bundle: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    joblib.dump(bundle, buffer, compress=3)
+    write_bytes_atomic(url, buffer.getvalue())
+
+
+def load_model(url: str) -> dict[str, Any]:
+    if not exists(url):
+        raise UserError(f"{url}: no saved clustering model (run `cellmi cluster` without apply_to first)")
+    bundle = joblib.load(io.BytesIO(read_bytes(url)))
+    if not isinstance(bundle, dict) or bundle.get("format") != 1:
+        raise UserError(f"{url}: not a cellmi clustering model")
+    return bundle
+
+
+def model_bundle(c: Clustering, cfg: ClusterSettings) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "cellmi_version": __version__,
+        "feature_set": "dim",
+        "feature_dim": int(c.reducer.fit_rows.shape[1]),
+        "reducer": c.reducer,
+        "mixture": c.mixture,
+        "profiles": c.profile_model,
+        "aggregate": cfg.aggregate,
+        "image_labels": cfg.image_labels,
+        "split": cfg.split,
+    }
+
+
+# ---------------------------------------------------------------- figures and galleries
+def umap_panels(
+    reps: Representations,
+    primary: Representations,
+    c: Clustering,
+    cfg: ClusterSettings,
+    other: tuple[str, pd.DataFrame] | None,
+) -> list[Panel]:
+    """2-D UMAP panels of the clustered split and, beside it, the other split (a seeded subsample)."""
+    index, xy = embed_2d(primary.features["dim"], cfg.neighbors, cfg.seed, cfg.figure_points)
+    panels = [
+        Panel(cfg.split, xy, primary.table["sample"].to_numpy()[index], c.labels[index], "window cluster")
+    ]
+    if other is not None:
+        split, fields = other
+        sub = reps.subset(reps.table["split"].to_numpy() == split)
+        index, xy = embed_2d(sub.features["dim"], cfg.neighbors, cfg.seed, cfg.figure_points)
+        keyed = fields.set_index(["sample", "field"])["cluster_profile"]
+        clusters = keyed.reindex(
+            pd.MultiIndex.from_arrays([sub.table["sample"], sub.table["field"]])
+        ).to_numpy()
+        panels.append(
+            Panel(split, xy, sub.table["sample"].to_numpy()[index], clusters[index], "field-profile cluster")
+        )
+    return panels
+
+
+def _trait_rows(labels: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == k))[:TRAIT_WINDOWS] for k in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+def pixel_views(
+    reps: Representations, c: Clustering, cfg: ClusterSettings
+) -> tuple[list[ClusterView], bytes, pd.DataFrame]:
+    """Per window cluster: gallery strip and traits, from the image store the representations name.
+
+    Returns the report's views, the gallery figure and the traits table (one row per cluster).
+    """
+    store = open_store(str(reps.attrs["store"]))
+    window = int(reps.attrs["window"])
+    nearest = nearest_to_centre(c.mixture, c.z, c.labels, cfg.gallery)
+    gallery_rows = np.concatenate(list(nearest.values()))
+    trait_rows = _trait_rows(c.labels, cfg.seed)
+    rows = np.unique(np.concatenate([gallery_rows, trait_rows]))
+    crops, masks = cut_windows(store, reps.table.iloc[rows][["sample", "field", "y", "x"]], window)
+    where = {int(r): i for i, r in enumerate(rows)}
+    slots = colour_slots(store.meta.channels)
+    low, high = display_range([crops[where[int(r)]] for r in gallery_rows])
+    images = {
+        k: [composite(crops[where[int(r)]], slots, low, high) for r in idx] for k, idx in nearest.items()
+    }
+    picked = [where[int(r)] for r in trait_rows]
+    sampled = window_traits(
+        [crops[i] for i in picked], [masks[i] for i in picked], store.meta.channels, store.meta.stats
+    )
+    sampled["cluster"] = c.labels[trait_rows]
+    traits = cluster_traits(
+        c.labels, reps.table["sample"].astype(str).to_numpy(), reps.table["fg_fraction"].to_numpy(), sampled
+    )
+    views = [
+        ClusterView(int(t["cluster"]), strip_png(images.get(int(t["cluster"]), [])), t)
+        for t in traits.to_dict("records")
+    ]
+    return views, gallery_figure(images), traits
+
+
+def figures(
+    reps: Representations,
+    primary: Representations,
+    c: Clustering,
+    cfg: ClusterSettings,
+    other: tuple[str, pd.DataFrame] | None,
+) -> dict[str, tuple[str, bytes]]:
+    """PNG name -> (caption, bytes) for the UMAP, confusion and (when chosen by BIC) BIC figures."""
+    out = {
+        "umap.png": (
+            f"UMAP (2-D, for display) of the {cfg.split} windows"
+            + (f" and the {other[0]} windows" if other else "")
+            + ", by sample and by cluster",
+            umap_figure(umap_panels(reps, primary, c, cfg, other)),
+        )
+    }
+    samples = primary.table["sample"].astype(str).to_numpy()
+    tables = [
+        ("windows", confusion(samples, c.labels)),
+        (
+            f"images ({cfg.image_labels})",
+            confusion(c.fields["sample"].astype(str).to_numpy(), c.fields[f"cluster_{cfg.image_labels}"]),
+        ),
+    ]
+    out["confusion.png"] = (
+        "Cluster-by-sample confusion (colour: share of each sample)",
+        confusion_figure(tables),
+    )
+    if c.bic:
+        out["bic.png"] = ("BIC by number of mixture components", bic_figure(c.bic, c.mixture.n_components))
+    return out
+
+
+# ---------------------------------------------------------------- the job
+def provenance(url: str, reps: Representations, timings: dict[str, float]) -> dict[str, Any]:
+    import sklearn
+    import umap
+
+    attrs = {k: v for k, v in reps.attrs.items() if k != "settings"}
+    return {
+        "representations": url,
+        "representations_attrs": attrs,
+        "inference_settings": reps.attrs.get("settings"),
+        "cellmi_version": __version__,
+        "umap_version": umap.__version__,
+        "sklearn_version": sklearn.__version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "timings_s": timings,
+    }
+
+
+def _feature_sets(reps: Representations, baselines: bool) -> list[str]:
+    names = [n for n in FEATURE_SETS if n in reps.features and (n == "dim" or baselines)]
+    missing = [n for n in FEATURE_SETS[1:] if baselines and n not in reps.features]
+    if missing:
+        log.warning("cluster: baselines %s are not in the representations; not scored", missing)
+    return names
+
+
+def run_analysis(settings: Settings) -> dict[str, Any]:
+    """Cluster every feature set, score, write tables, model, figures, metrics and the report."""
+    cfg, timings = settings.cluster, {}
+    url, out = join(settings.workdir, REPR_ZARR), join(settings.workdir, ANALYSIS)
+    with timed("load", timings):
+        reps = usable_windows(load_representations(url), url)
+    phen = phenotype_map(reps)
+    primary = split_rows(reps, cfg.split, url)
+    k = cfg.n_clusters or int(primary.table["sample"].nunique())
+    metrics: dict[str, Any] = {
+        "format": 1,
+        "split": cfg.split,
+        "image_labels": cfg.image_labels,
+        "select": cfg.select,
+        "score_keys": list(SCORE_KEYS),
+    }
+    results: dict[str, Clustering] = {}
+    others: dict[str, tuple[dict, pd.DataFrame]] = {}
+    n = len(primary.table)
+    with dask_client(settings, n - cfg.subsample_size if n > cfg.subsample_above else 0) as client:
+        for name in _feature_sets(reps, cfg.baselines):
+            select = cfg.select if name == "dim" else "fixed"
+            k_used = k if name == "dim" else results["dim"].mixture.n_components
+            with timed(f"cluster {name}", timings):
+                results[name] = cluster_feature_set(primary, name, cfg, k_used, select, client)
+            metrics[name] = {cfg.split: primary_scores(primary, results[name], cfg, phen)}
+            with timed(f"profiles {name}", timings):
+                for split in OTHER_SPLITS[cfg.split]:
+                    found = profile_split(reps, split, name, cfg, phen)
+                    if found is not None:
+                        metrics[name][split] = found[0]
+                        others[f"{name}/{split}"] = found
+    dim = results["dim"]
+    metrics["n_clusters"] = int(dim.mixture.n_components)
+    metrics["bic"] = {str(kk): v for kk, v in dim.bic.items()} or None
+    write_outputs(settings, out, reps, primary, results, others, metrics, timings, url)
+    return metrics
+
+
+def write_outputs(
+    settings: Settings,
+    out: str,
+    reps: Representations,
+    primary: Representations,
+    results: dict[str, Clustering],
+    others: dict[str, tuple[dict, pd.DataFrame]],
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+    url: str,
+) -> None:
+    cfg, dim, phen = settings.cluster, results["dim"], phenotype_map(reps)
+    with timed("tables and model", timings):
+        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
+        baseline_labels = {n: r.labels for n, r in results.items() if n != "dim"}
+        write_parquet(
+            join(out, "clusters_windows.parquet"),
+            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
+        )
+        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen))
+    other_split = next(iter(OTHER_SPLITS[cfg.split]), None)
+    other = (other_split, others[f"dim/{other_split}"][1]) if f"dim/{other_split}" in others else None
+    with timed("figures", timings):
+        pngs = figures(reps, primary, dim, cfg, other)
+    notes = [
+        f"{len(primary.table)} windows of split {cfg.split!r} from {url}",
+        f"{dim.mixture.n_components} clusters ({cfg.select}); image labels: {cfg.image_labels}",
+    ]
+    views: list[ClusterView] = []
+    with timed("galleries", timings):
+        try:
+            views, gallery, traits = pixel_views(primary, dim, cfg)
+            pngs["gallery.png"] = ("Windows nearest each cluster centre", gallery)
+            write_bytes_atomic(join(out, "cluster_traits.csv"), traits.to_csv(index=False).encode())
+        except (UserError, OSError, KeyError) as err:
+            log.warning("cluster: no galleries or traits (image store unavailable: %s)", err)
+            notes.append(f"galleries and traits unavailable: {err}")
+    for name, (_, png) in pngs.items():
+        write_bytes_atomic(join(out, name), png)
+    metrics["timings_s"] = timings
+    write_bytes_atomic(join(out, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    report = ReportData(
+        title=f"cellmi clustering report: {settings.workdir}",
+        metrics=metrics,
+        settings=as_dict(settings),
+        provenance=provenance(url, reps, timings),
+        figures=[pngs[n] for n in ("umap.png", "confusion.png", "bic.png") if n in pngs],
+        clusters=views,
+        notes=notes,
+    )
+    write_bytes_atomic(join(out, "report.html"), render_report(report).encode())
+    log.info("cluster: report at %s", join(out, "report.html"))
+
+
+def apply_saved(settings: Settings) -> dict[str, Any]:
+    """Assign the windows of ``cluster.apply_to`` to the clusters of the saved model."""
+    out = join(settings.workdir, ANALYSIS)
+    bundle = load_model(join(out, MODEL_FILE))
+    url = str(settings.cluster.apply_to)
+    reps = usable_windows(load_input(url), url)
+    x = reps.features[bundle["feature_set"]]
+    if x.shape[1] != bundle["feature_dim"]:
+        raise UserError(
+            f"{url}: {x.shape[1]}-d vectors, but the saved model was fitted on {bundle['feature_dim']}-d ones"
+        )
+    with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
+        z = embed(bundle["reducer"], x, client)
+    labels, prob = assign(bundle["mixture"], z)
+    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
+    votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
+    fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")
+    fields["cluster_profile"] = assign_profiles(bundle["profiles"], profiles)
+    phen = phenotype_map(reps)
+    target = join(out, APPLIED)
+    write_parquet(
+        join(target, "clusters_windows.parquet"), window_frame(reps.table, labels, prob, z, phen, {})
+    )
+    write_parquet(join(target, "clusters_images.parquet"), image_frame(fields, bundle["image_labels"], phen))
+    samples = reps.table["sample"].astype(str).to_numpy()
+    metrics = {
+        "source": url,
+        "n_windows": len(x),
+        "n_images": len(fields),
+        **_scores(samples, labels, "window"),
+        **image_scores(fields, fields["cluster_vote"].to_numpy(), "_vote", {}),
+        **image_scores(fields, fields["cluster_profile"].to_numpy(), "_profile", {}),
+    }
+    write_bytes_atomic(join(target, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    log.info("cluster: assigned %d windows of %s to the saved clusters -> %s", len(x), url, target)
+    return metrics
+
+
+def main(settings: Settings) -> int:
+    """Entry point of ``cellmi cluster``."""
+    if settings.cluster.apply_to:
+        apply_saved(settings)
+    else:
+        run_analysis(settings)
+    return 0

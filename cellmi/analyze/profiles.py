@@ -1,0 +1,133 @@
+"""Image-level profiles: window vectors aggregated per field, standardised, PCA, clustered.
+
+This is how image-based profiling summarises a well or field: one vector per field (the mean or
+median of its windows), features standardised across fields, a few principal components, then
+Ward (default) or a mixture. New fields are assigned to the nearest cluster centroid; fields that
+were part of the fit keep their fitted label (looked up by value), so re-applying a saved model
+to the same data gives the same labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import AgglomerativeClustering
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+from sklearn.preprocessing import StandardScaler
+
+
+def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+    """Aggregate (N, F) window vectors per field.
+
+    ``table`` has one row per window with ``sample``, ``field`` and ``split``. Returns the fields
+    (one row each, sorted by sample then field: ``sample, field, split, n_windows``) and their
+    profiles (n_fields, F) float32.
+    """
+    keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
+    codes, uniques = pd.factorize(keys, sort=True)
+    frame = pd.DataFrame(np.asarray(x, np.float64))
+    grouped = frame.groupby(codes, sort=True)
+    profiles = (grouped.median() if how == "median" else grouped.mean()).to_numpy(np.float32)
+    first = pd.Series(np.arange(len(codes))).groupby(codes, sort=True).first().to_numpy()
+    fields = pd.DataFrame(
+        {
+            "sample": table["sample"].to_numpy()[first],
+            "field": table["field"].to_numpy()[first],
+            "split": table["split"].to_numpy()[first],
+            "n_windows": np.bincount(codes, minlength=len(uniques)),
+        }
+    )
+    return fields, profiles
+
+
+@dataclass
+class ProfileModel:
+    """Standardiser + PCA of field profiles and the cluster centroids in PCA space."""
+
+    scaler: StandardScaler
+    pca: PCA | None
+    centroids: np.ndarray  # (k, P)
+    fit_rows: np.ndarray  # (n_fit, P) float32 reduced profiles of the fitted fields
+    fit_labels: np.ndarray  # (n_fit,) their labels
+
+    def scale(self, profiles: np.ndarray) -> np.ndarray:
+        """(M, F) -> (M, F) standardised profiles (the space retrieval metrics use)."""
+        return self.scaler.transform(np.asarray(profiles, np.float32)).astype(np.float32)
+
+    def reduce(self, profiles: np.ndarray) -> np.ndarray:
+        """(M, F) -> (M, P) standardised and PCA-reduced profiles (the space that is clustered)."""
+        scaled = self.scale(profiles)
+        return (self.pca.transform(scaled) if self.pca is not None else scaled).astype(np.float32)
+
+
+def fit_profiles(
+    profiles: np.ndarray, k: int, dims: int, seed: int, method: str = "ward"
+) -> tuple[ProfileModel, np.ndarray]:
+    """Cluster (M, F) field profiles into ``min(k, M)`` groups; returns the model and (M,) labels.
+
+    PCA keeps ``min(dims, M - 1, F)`` components (none when that is below 2).
+    """
+    profiles = np.asarray(profiles, np.float32)
+    m = len(profiles)
+    scaler = StandardScaler().fit(profiles)
+    scaled = scaler.transform(profiles)
+    n_comp = min(dims, m - 1, profiles.shape[1])
+    pca = PCA(n_components=n_comp, random_state=seed).fit(scaled) if n_comp >= 2 else None
+    rows = (pca.transform(scaled) if pca is not None else scaled).astype(np.float32)
+    k = max(1, min(k, m))
+    if k == 1 or m < 2:
+        labels = np.zeros(m, np.int64)
+    elif method == "gmm":
+        labels = GaussianMixture(k, covariance_type="diag", n_init=5, random_state=seed).fit_predict(rows)
+    else:
+        labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(rows)
+    labels = np.asarray(labels, np.int64)
+    centroids = np.stack([rows[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
+    return ProfileModel(scaler, pca, centroids, rows, labels), labels
+
+
+def assign_profiles(model: ProfileModel, profiles: np.ndarray) -> np.ndarray:
+    """(M, F) profiles -> (M,) labels: fitted fields keep theirs, others go to the nearest centroid."""
+    rows = model.reduce(profiles)
+    dist = np.linalg.norm(rows[:, None, :] - model.centroids[None, :, :], axis=2)
+    labels = dist.argmin(axis=1).astype(np.int64)
+    known = {row.tobytes(): i for i, row in enumerate(model.fit_rows)}
+    for i, row in enumerate(rows):
+        j = known.get(row.tobytes())
+        if j is not None:
+            labels[i] = model.fit_labels[j]
+    return labels
+
+
+def align_labels(reference: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    """A one-to-one relabelling of ``labels`` that best matches ``reference`` (Hungarian on overlap).
+
+    Labels left without a partner get fresh ids after the largest reference id.
+    """
+    ref_ids, lab_ids = np.unique(reference), np.unique(labels)
+    overlap = np.array([[np.sum((labels == a) & (reference == b)) for b in ref_ids] for a in lab_ids])
+    rows, cols = linear_sum_assignment(-overlap)
+    mapping = {int(lab_ids[r]): int(ref_ids[c]) for r, c in zip(rows, cols, strict=True)}
+    fresh = int(ref_ids.max(initial=-1)) + 1
+    for a in lab_ids:
+        if int(a) not in mapping:
+            mapping[int(a)] = fresh
+            fresh += 1
+    return mapping
+
+
+def relabel(
+    model: ProfileModel, labels: np.ndarray, mapping: dict[int, int]
+) -> tuple[ProfileModel, np.ndarray]:
+    """Apply ``mapping`` to labels, the model's fitted labels and the order of its centroids."""
+    new = np.array([mapping[int(v)] for v in labels], np.int64)
+    size = max(mapping.values()) + 1
+    centroids = np.full((size, model.centroids.shape[1]), np.inf, np.float32)
+    for old, target in mapping.items():
+        centroids[target] = model.centroids[old]
+    fit_labels = np.array([mapping[int(v)] for v in model.fit_labels], np.int64)
+    return ProfileModel(model.scaler, model.pca, centroids, model.fit_rows, fit_labels), new

@@ -1,0 +1,190 @@
+"""``cellmi cluster`` end to end on a small run folder: outputs, metrics, apply_to, S3, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pandas as pd
+
+from cellmi.analyze.job import SCORE_KEYS, run_analysis
+from cellmi.cli import main as cli_main
+from cellmi.representations import read_parquet, write_representations
+from cellmi.settings import Settings
+from cellmi.store import exists, join, read_bytes
+
+from .conftest import TEST, make_reps, make_store
+
+OUTPUTS = (
+    "clusters_windows.parquet",
+    "clusters_images.parquet",
+    "metrics.json",
+    "model.joblib",
+    "umap.png",
+    "confusion.png",
+    "gallery.png",
+    "cluster_traits.csv",
+    "report.html",
+)
+
+
+def test_writes_every_output(analysed):
+    for name in OUTPUTS:
+        assert os.path.getsize(join(analysed, name)) > 0, name
+    with open(join(analysed, "umap.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_is_self_contained(analysed):
+    page = read_bytes(join(analysed, "report.html")).decode()
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) >= 2 + 3 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(href|src)="(https?:|//)', page)
+    for text in ("image ARI", "handcrafted", "cluster 2", "Provenance", "synthetic-test"):
+        assert text in page, text
+
+
+def test_cluster_traits_follow_the_pixels(analysed):
+    """Fixture fields get brighter with the sample index; each cluster is one sample."""
+    traits = pd.read_csv(join(analysed, "cluster_traits.csv"))
+    assert len(traits) == 3 and (traits["main_sample_share"] == 1.0).all()
+    ordered = traits.sort_values("main_sample")
+    assert ordered["main_sample"].tolist() == sorted(TEST)
+    for channel in ("DNA", "pH3", "actin"):
+        assert ordered[f"intensity_{channel}"].is_monotonic_increasing, channel
+    assert ordered["ph3_positive_area"].is_monotonic_increasing
+    np.testing.assert_allclose(traits["fg_fraction"], 0.5)
+
+
+def test_tables_have_metadata_columns_and_the_test_split_only(analysed):
+    windows = pd.read_parquet(join(analysed, "clusters_windows.parquet"))
+    images = pd.read_parquet(join(analysed, "clusters_images.parquet"))
+    for col in (
+        "Metadata_sample",
+        "Metadata_field",
+        "Metadata_y",
+        "Metadata_x",
+        "cluster",
+        "probability",
+        "cluster_random",
+        "cluster_handcrafted",
+    ):
+        assert col in windows.columns, col
+    for col in ("Metadata_sample", "Metadata_field", "cluster", "share", "cluster_vote", "cluster_profile"):
+        assert col in images.columns, col
+    assert set(windows["Metadata_sample"]) == TEST and set(images["Metadata_sample"]) == TEST
+    assert len(windows) == 3 * 4 * 15  # background windows (one per field) are left out
+    assert len(images) == 12 and (images["n_windows"] == 15).all()
+    assert ((windows["probability"] > 0) & (windows["probability"] <= 1)).all()
+    assert images["share"].between(0, 1).all()
+    np.testing.assert_array_equal(images["cluster"], images["cluster_profile"])  # default: profile
+
+
+def test_metrics_structure_and_dim_beats_both_baselines(analysed):
+    metrics = json.loads(read_bytes(join(analysed, "metrics.json")))
+    for name in ("dim", "random", "handcrafted"):
+        assert set(metrics[name]) == {"test", "train", "all"}
+        for split in ("test", "train", "all"):
+            assert set(metrics[name][split]) == set(SCORE_KEYS)
+        assert metrics[name]["train"]["window_ari"] is None  # only the clustered split has windows
+    dim, rand = metrics["dim"], metrics["random"]
+    # the fixture's DIM vectors are well-separated blobs per sample; 'random' is pure noise
+    assert dim["test"]["image_ari"] == 1.0 and dim["test"]["window_ari"] == 1.0
+    assert dim["all"]["image_ari"] == 1.0 and dim["all"]["n_samples"] == 6
+    assert dim["test"]["image_ari_phenotype"] == 1.0 and dim["test"]["map"] == 1.0
+    for key in ("window_ari", "image_ari", "map", "nn_accuracy"):
+        assert dim["test"][key] > rand["test"][key], key
+        assert dim["test"][key] >= metrics["handcrafted"]["test"][key], key
+    assert rand["test"]["window_ari"] < 0.2
+    assert metrics["n_clusters"] == 3 and "cluster dim" in metrics["timings_s"]
+
+
+def test_apply_to_assigns_the_same_clusters_to_the_same_data(workdir, analysed):
+    url = join(workdir, "representations.zarr")
+    assert cli_main(["cluster", "--workdir", workdir, "--cluster.apply_to", url]) == 0
+    applied = join(analysed, "applied")
+    original = pd.read_parquet(join(analysed, "clusters_windows.parquet"))
+    again = pd.read_parquet(join(applied, "clusters_windows.parquet"))
+    keys = ["Metadata_sample", "Metadata_field", "Metadata_y", "Metadata_x"]
+    merged = original.merge(again, on=keys, suffixes=("", "_applied"), validate="1:1")
+    assert len(merged) == len(original)
+    np.testing.assert_array_equal(merged["cluster"], merged["cluster_applied"])
+    images = pd.read_parquet(join(analysed, "clusters_images.parquet")).merge(
+        pd.read_parquet(join(applied, "clusters_images.parquet")),
+        on=["Metadata_sample", "Metadata_field"],
+        suffixes=("", "_applied"),
+    )
+    np.testing.assert_array_equal(images["cluster"], images["cluster_applied"])
+    np.testing.assert_array_equal(images["cluster_vote"], images["cluster_vote_applied"])
+    # the training samples were never fitted: placed by transform into the same three clusters
+    train = again[~again["Metadata_sample"].isin(TEST)]
+    assert len(train) == 3 * 4 * 15 and train["cluster"].between(0, 2).all()
+
+
+def test_apply_to_new_data_from_parquet(tmp_path, workdir, analysed):
+    """A perturbed copy (new vectors) as a Parquet table lands in the clusters of the originals."""
+    from cellmi.representations import to_frame, write_parquet
+
+    reps = make_reps(join(workdir, "store.zarr"), seed=5)
+    url = str(tmp_path / "new.parquet")
+    write_parquet(url, to_frame(reps))
+    assert cli_main(["cluster", "--workdir", workdir, "--cluster.apply_to", url]) == 0
+    new = pd.read_parquet(join(analysed, "applied", "clusters_images.parquet"))
+    old = pd.read_parquet(join(analysed, "clusters_images.parquet"))
+    both = old.merge(new, on=["Metadata_sample", "Metadata_field"], suffixes=("", "_new"))
+    np.testing.assert_array_equal(both["cluster_vote"], both["cluster_vote_new"])
+    np.testing.assert_array_equal(both["cluster_profile"], both["cluster_profile_new"])
+
+
+def test_bic_selection_and_all_split(tmp_path, workdir):
+    """split all + BIC on the fixture: six blobs, six clusters; galleries skipped without a store."""
+    root = str(tmp_path)
+    reps = make_reps(str(tmp_path / "missing-store.zarr"))
+    write_representations(join(root, "representations.zarr"), reps)
+    settings = Settings(
+        workdir=root,
+        cluster={"split": "all", "select": "bic", "bic_min": 2, "bic_max": 9, "baselines": False},
+    )
+    metrics = run_analysis(settings)
+    # UMAP clumps are not Gaussian, so BIC may split one: at least one cluster per sample, none mixed
+    assert 6 <= metrics["n_clusters"] <= 8 and set(metrics["bic"]) == {str(k) for k in range(2, 10)}
+    assert metrics["dim"]["all"]["window_purity"] == 1.0 and metrics["dim"]["all"]["window_ari"] > 0.8
+    assert "random" not in metrics
+    assert exists(join(root, "analysis", "bic.png")) and not exists(join(root, "analysis", "gallery.png"))
+    assert "galleries and traits unavailable" in read_bytes(join(root, "analysis", "report.html")).decode()
+
+
+def test_run_folder_on_s3(s3_env, monkeypatch):
+    root = f"{s3_env}/run"
+    make_store(join(root, "store.zarr"), samples=sorted(TEST))  # the galleries need the test split only
+    write_representations(join(root, "representations.zarr"), make_reps(join(root, "store.zarr")))
+    monkeypatch.setenv("CELLMI_CLUSTER__BASELINES", "false")
+    assert cli_main(["cluster", "--workdir", root]) == 0
+    for name in OUTPUTS:
+        assert exists(join(root, "analysis", name)), name
+    images = read_parquet(join(root, "analysis", "clusters_images.parquet"))
+    assert len(images) == 12
+
+
+def test_bad_input_is_one_line_user_error(tmp_path, capsys):
+    root = str(tmp_path)
+    assert cli_main(["cluster", "--workdir", root]) == 2
+    assert "run `cellmi infer` first" in capsys.readouterr().err
+    reps = make_reps(str(tmp_path / "store.zarr"))
+    reps.features["dim"][3, 2] = np.nan
+    write_representations(join(root, "representations.zarr"), reps)
+    assert cli_main(["cluster", "--workdir", root]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'dim' holds NaN" in err and len(err.splitlines()) == 1
+    reps.features["dim"][3, 2] = 0.0
+    reps.table["split"] = "train"
+    write_representations(join(root, "representations.zarr"), reps)
+    assert cli_main(["cluster", "--workdir", root]) == 2
+    assert "no windows in split 'test'" in capsys.readouterr().err
+    assert (
+        cli_main(["cluster", "--workdir", root, "--cluster.apply_to", join(root, "representations.zarr")])
+        == 2
+    )
+    assert "no saved clustering model" in capsys.readouterr().err

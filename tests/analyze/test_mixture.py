@@ -1,0 +1,82 @@
+"""Mixture size by BIC, window votes, field profiles and label alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.profiles import align_labels, assign_profiles, field_profiles, fit_profiles, relabel
+from cellmi.errors import UserError
+
+
+def blobs(k: int, n: int = 150, dim: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-30, 30, size=(k, dim))
+    truth = np.repeat(np.arange(k), n)
+    return centres[truth] + rng.normal(size=(k * n, dim)), truth
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_bic_recovers_the_number_of_well_separated_blobs(k):
+    z, truth = blobs(k, seed=k)
+    gmm, scores = select_by_bic(z, 2, 8, seed=0)
+    assert gmm.n_components == k
+    assert sorted(scores) == list(range(2, 9)) and min(scores, key=scores.get) == k
+    labels, prob = assign(gmm, z)
+    assert pd.crosstab(labels, truth).to_numpy().max(axis=0).sum() == len(z)  # every blob is one cluster
+    assert prob.min() > 0.9
+
+
+def test_mixture_refuses_more_clusters_than_points():
+    with pytest.raises(UserError, match="N_CLUSTERS"):
+        fit_mixture(np.zeros((3, 2)), 4, seed=0)
+
+
+def test_vote_majority_share_and_ties():
+    table = pd.DataFrame({"sample": ["a"] * 5 + ["b"] * 4, "field": ["1"] * 5 + ["1"] * 4})
+    labels = np.array([2, 2, 1, 2, 0, 3, 1, 1, 3])  # a/1: 2 wins 3 of 5; b/1: tie 1 vs 3 -> 1
+    out = vote(table, labels)
+    assert out[["sample", "cluster"]].values.tolist() == [["a", 2], ["b", 1]]
+    np.testing.assert_allclose(out["share"], [0.6, 0.5])
+    assert out["n_windows"].tolist() == [5, 4]
+
+
+def test_nearest_to_centre_picks_the_closest_points():
+    z, _ = blobs(2, n=50, seed=1)
+    gmm = fit_mixture(z, 2, seed=0)
+    labels, _ = assign(gmm, z)
+    picks = nearest_to_centre(gmm, z, labels, 3)
+    for k, rows in picks.items():
+        dist = np.linalg.norm(z[labels == k] - gmm.means_[k], axis=1)
+        np.testing.assert_allclose(np.linalg.norm(z[rows] - gmm.means_[k], axis=1), np.sort(dist)[:3])
+
+
+def test_field_profiles_mean_and_median():
+    table = pd.DataFrame(
+        {"sample": ["b", "a", "a", "a"], "field": ["1", "2", "2", "2"], "split": ["test"] * 4}
+    )
+    x = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 3.0], [5.0, 6.0]])
+    fields, mean = field_profiles(table, x, "mean")
+    assert fields[["sample", "field", "n_windows"]].values.tolist() == [["a", "2", 3], ["b", "1", 1]]
+    np.testing.assert_allclose(mean, [[2.0, 3.0], [1.0, 1.0]])
+    _, median = field_profiles(table, x, "median")
+    np.testing.assert_allclose(median, [[1.0, 3.0], [1.0, 1.0]])
+
+
+def test_profile_clusters_align_and_reassign():
+    x, truth = blobs(3, n=6, dim=10, seed=2)
+    model, labels = fit_profiles(x, 3, dims=4, seed=0)
+    assert model.pca is not None and model.pca.n_components_ == 4
+    assert pd.crosstab(labels, truth).to_numpy().max(axis=0).sum() == len(x)
+    mapping = align_labels(truth, labels)
+    model, aligned = relabel(model, labels, mapping)
+    np.testing.assert_array_equal(aligned, truth)
+    np.testing.assert_array_equal(assign_profiles(model, x), truth)  # fitted fields keep theirs
+    np.testing.assert_array_equal(assign_profiles(model, x + 0.01), truth)  # new ones: nearest centroid
+
+
+def test_align_labels_gives_unmatched_labels_fresh_ids():
+    mapping = align_labels(np.array([0, 0, 1, 1]), np.array([7, 7, 8, 9]))
+    assert mapping[7] == 0 and mapping[8] == 1 and mapping[9] == 2
