@@ -26,6 +26,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "cluster": ("cellmi.analyze.job", "UMAP + Gaussian mixture, metrics, figures, report"),
     "run": ("cellmi.pipeline", "all of it end to end, reusing finished stages"),
     "config": ("cellmi.cli", "print the effective settings as JSON"),
+    "launch": ("cellmi.launch", "train under torchrun on any scheduler (cellmi launch --help)"),
 }
 USAGE = "usage: cellmi {" + ",".join(JOBS) + "} [--section.field VALUE ...] [--help]"
 
@@ -73,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_usage()
         return 0 if args else 2
     job, rest = args[0], args[1:]
+    if job == "launch":  # parses its own flags; AWS Batch cannot replace the image's entrypoint
+        from cellmi.launch import main as launch_main
+
+        return launch_main(rest)
     if job not in JOBS:
         print(f"cellmi: error: unknown job {job!r}; choose one of {', '.join(JOBS)}", file=sys.stderr)
         return 2
