@@ -130,6 +130,10 @@ class ModelSettings(Section):
     )
     local_dim: int = Field(128, ge=8, le=2048, description="Channels of the local feature map.")
     global_dim: int = Field(64, ge=2, le=2048, description="Size of the global representation.")
+    pool: Literal["mean", "foreground"] = Field(
+        "mean",
+        description="Global vector from the plain mean of the local map, or weighted by each position's foreground.",
+    )
     critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
 
 
@@ -159,6 +163,12 @@ class TrainSettings(Section):
     aug_blur_sigma: float = Field(2.0, gt=0, le=16, description="Largest Gaussian blur sigma in pixels.")
     local_foreground: float = Field(
         0.1, ge=0, le=1, description="Local positions seeing less foreground than this are left out of the loss."
+    )
+    crop_pairs: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a second local term with crop-level pairs (a crop's own positions are its only "
+        "positives): keeps per-crop detail that sample-level pairs average away.",
     )
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
@@ -307,13 +317,21 @@ def as_dict(settings: BaseModel, redact: bool = True) -> dict[str, Any]:
     return _redact(data) if redact else data
 
 
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://***@host`` anywhere in a text (messages, logs)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _redact(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
     if isinstance(value, str):
-        return re.sub(r"(://)[^/@\s]+@", r"\1***@", value)
+        return redact(value)
     return value
 
 

@@ -2,7 +2,9 @@
 
 Both paths take an encoder with the ``cellmi.model.Encoder`` contract: ``stride``,
 ``local_size(window)``, ``local_map(x)`` (N, C, H, W) -> (N, L, h, w) with unpadded convs,
-``global_from_local(local)`` (N, L, m, m) -> (N, G), and ``forward(x)`` -> (local, global).
+``pool_mask(mask)`` (N, H, W) -> (N, h, w) foreground share on the same grid,
+``global_from_local(local, share)`` (N, L, m, m) -> (N, G), and ``forward(x, mask)`` -> (local, global).
+The foreground mask, when given, only weights the pooling (encoders with ``pool="foreground"``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ class EncoderLike(Protocol):
 
     def local_size(self, window: int) -> int: ...
     def local_map(self, x: torch.Tensor) -> torch.Tensor: ...
-    def global_from_local(self, local: torch.Tensor) -> torch.Tensor: ...
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def pool_mask(self, mask: torch.Tensor) -> torch.Tensor: ...
+    def global_from_local(self, local: torch.Tensor, share: torch.Tensor | None = None) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _global_dim(encoder: EncoderLike, channels: int, window: int) -> int:
@@ -31,24 +36,37 @@ def _global_dim(encoder: EncoderLike, channels: int, window: int) -> int:
     return int(encoder(probe)[1].shape[1])
 
 
+def _mask_tensor(mask: np.ndarray | None) -> torch.Tensor | None:
+    return None if mask is None else torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+
+
 @torch.inference_mode()
 def embed_shared(
-    encoder: EncoderLike, pixels: np.ndarray, corners: np.ndarray, window: int, batch: int = 256
+    encoder: EncoderLike,
+    pixels: np.ndarray,
+    corners: np.ndarray,
+    window: int,
+    batch: int = 256,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """One local map per group of aligned windows, each window's global vector from its cut.
 
-    pixels (C, Y, X) float32 normalised, corners (n, 2) as (y, x) -> (n, G) float32.
+    pixels (C, Y, X) float32 normalised, corners (n, 2) as (y, x)[, mask (Y, X) foreground] -> (n, G)
+    float32. The mask's pooled share is cut on the same grid as the local map.
     """
     m = encoder.local_size(window)
     image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    fg = _mask_tensor(mask)
     out: np.ndarray | None = None
     for group in map_groups(corners, window, encoder.stride):
         y0, x0, y1, x1 = group.box
         local = encoder.local_map(image[None, :, y0:y1, x0:x1])[0]  # (L, h, w)
+        share = encoder.pool_mask(fg[None, y0:y1, x0:x1])[0] if fg is not None else None  # (h, w)
         for start in range(0, len(group.rows), batch):
             cells = group.cells[start : start + batch]
             cuts = torch.stack([local[:, r : r + m, c : c + m] for r, c in cells])
-            vectors = encoder.global_from_local(cuts).float().numpy()
+            shares = torch.stack([share[r : r + m, c : c + m] for r, c in cells]) if share is not None else None
+            vectors = encoder.global_from_local(cuts, shares).float().numpy()
             if out is None:
                 out = np.zeros((len(corners), vectors.shape[1]), np.float32)
             out[group.rows[start : start + batch]] = vectors
@@ -59,21 +77,28 @@ def embed_shared(
 
 @torch.inference_mode()
 def embed_naive(
-    encoder: EncoderLike, pixels: np.ndarray, corners: np.ndarray, window: int, batch: int = 64
+    encoder: EncoderLike,
+    pixels: np.ndarray,
+    corners: np.ndarray,
+    window: int,
+    batch: int = 64,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Each window encoded alone, ``batch`` windows per forward pass.
 
-    pixels (C, Y, X) float32 normalised, corners (n, 2) as (y, x) -> (n, G) float32.
+    pixels (C, Y, X) float32 normalised, corners (n, 2) as (y, x)[, mask (Y, X) foreground] -> (n, G)
+    float32.
     """
     if len(corners) == 0:
         return np.zeros((0, _global_dim(encoder, pixels.shape[0], window)), np.float32)
     image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    fg = _mask_tensor(mask)
     parts = []
     for start in range(0, len(corners), batch):
-        crops = torch.stack(
-            [image[:, y : y + window, x : x + window] for y, x in corners[start : start + batch]]
-        )
-        parts.append(encoder(crops)[1].float().numpy())
+        chunk = corners[start : start + batch]
+        crops = torch.stack([image[:, y : y + window, x : x + window] for y, x in chunk])
+        masks = torch.stack([fg[y : y + window, x : x + window] for y, x in chunk]) if fg is not None else None
+        parts.append(encoder(crops, masks)[1].float().numpy())
     return np.concatenate(parts).astype(np.float32)
 
 

@@ -78,8 +78,8 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
     norm = store.normalise(raw)
     embed = embed_shared if job.mode == "shared" else embed_naive
     features = {
-        "dim": embed(models.dim, norm, corners, job.window, job.batch_windows),
-        "random": embed(models.random, norm, corners, job.window, job.batch_windows),
+        "dim": embed(models.dim, norm, corners, job.window, job.batch_windows, mask),
+        "random": embed(models.random, norm, corners, job.window, job.batch_windows, mask),
         "handcrafted": window_features(raw, norm, mask, corners, job.window),
     }
     return FieldResult(

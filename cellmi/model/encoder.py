@@ -18,20 +18,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["STEM_FROM", "Encoder", "build_encoder", "he_init", "layer_plan"]
+__all__ = ["POOLS", "STEM_FROM", "Encoder", "build_encoder", "he_init", "layer_plan"]
+
+# Pooling of the local map into the global vector: plain mean, or weighted by foreground share.
+POOLS = ("mean", "foreground")
+# Weight of a pure-background position; keeps the weighted mean defined when a crop has no cells.
+FOREGROUND_EPS = 1e-3
 
 NEGATIVE_SLOPE = 0.2
 # Crops of at least this edge get a stride-2 stem: a 128 px crop then costs what a 64 px crop
-# costs in the trunk and gives the same 9x9 local grid (prototype, DESIGN.md section 7).
+# costs in the trunk and gives the same 9x9 local grid (prototype, DESIGN.md section 7); crops of
+# twice that edge get a stride-4 stem, for the same cost and grid again.
 STEM_FROM = 128
 # (kernel, stride, output channels as a multiple of width; None means local_dim)
 _STEM = (2, 2, 1)
+_WIDE_STEM = (4, 4, 1)
 _TRUNK = ((3, 1, 1), (4, 2, 2), (3, 1, 2), (4, 2, 4), (3, 1, 4), (3, 1, None))
 
 
 def layer_plan(width: int, local_dim: int, crop: int) -> list[tuple[int, int, int]]:
-    """The conv layers as (kernel, stride, out_channels), stem first when ``crop >= STEM_FROM``."""
-    spec = ((_STEM,) if crop >= STEM_FROM else ()) + _TRUNK
+    """The conv layers as (kernel, stride, out_channels), a stem first when ``crop >= STEM_FROM``."""
+    stem = (_WIDE_STEM,) if crop >= 2 * STEM_FROM else (_STEM,) if crop >= STEM_FROM else ()
+    spec = stem + _TRUNK
     return [(k, s, local_dim if m is None else m * width) for k, s, m in spec]
 
 
@@ -51,14 +59,20 @@ class Encoder(nn.Module):
     (N, L, h, w) -> (N, G); ``forward`` returns both.
     """
 
-    def __init__(self, in_channels: int, width: int, local_dim: int, global_dim: int, crop: int) -> None:
+    def __init__(
+        self, in_channels: int, width: int, local_dim: int, global_dim: int, crop: int, pool: str = "mean"
+    ) -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool {pool!r} is not one of {POOLS}")
+        self.pool = pool
         self.arch = {
             "in_channels": in_channels,
             "width": width,
             "local_dim": local_dim,
             "global_dim": global_dim,
             "crop": crop,
+            "pool": pool,
         }
         plan = layer_plan(width, local_dim, crop)
         self.geometry = [(k, s) for k, s, _ in plan]
@@ -104,14 +118,25 @@ class Encoder(nn.Module):
         """(N, C, H, W) normalised images -> (N, L, h, w) local features (unpadded convs)."""
         return self.trunk(x)
 
-    def global_from_local(self, local: Tensor) -> Tensor:
-        """(N, L, h, w) local map -> (N, G) global vector: mean over positions, then the head."""
-        return self.head(local.mean(dim=(2, 3)))
+    def global_from_local(self, local: Tensor, share: Tensor | None = None) -> Tensor:
+        """(N, L, h, w) local map -> (N, G) global vector: pooled over positions, then the head.
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, C, H, W) -> ((N, L, h, w) local map, (N, G) global vector)."""
+        With ``pool="foreground"`` and ``share`` (N, h, w), the foreground share of each position
+        (``pool_mask``), positions are weighted by it, so background does not dilute the cells; a
+        crop without foreground falls back to the plain mean.
+        """
+        if self.pool == "foreground" and share is not None:
+            weight = share.to(local.dtype).unsqueeze(1) + FOREGROUND_EPS
+            pooled = (local * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
+        else:
+            pooled = local.mean(dim=(2, 3))
+        return self.head(pooled)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W)[, (N, H, W) foreground mask] -> ((N, L, h, w) local map, (N, G) global vector)."""
         local = self.local_map(x)
-        return local, self.global_from_local(local)
+        share = self.pool_mask(mask) if mask is not None else None
+        return local, self.global_from_local(local, share)
 
     def pool_mask(self, mask: Tensor) -> Tensor:
         """(N, H, W) foreground mask -> (N, h, w) foreground share seen by each local position.

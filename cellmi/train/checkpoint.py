@@ -55,6 +55,7 @@ CHECKPOINT_KEYS = (
 )
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 _ARCH_KEYS = ("in_channels", "width", "local_dim", "global_dim", "crop")
+_ARCH_OPTIONAL = ("pool",)  # absent in checkpoints written before it existed (then: plain mean)
 
 
 def checkpoint_name(step: int) -> str:
@@ -173,7 +174,7 @@ def load_checkpoint(url: str) -> dict[str, Any]:
 def encoder_from_state(state: dict[str, Any], url: str) -> Encoder:
     """Rebuild the encoder of a checkpoint dict; an architecture this code cannot build is a UserError."""
     arch = state["arch"]
-    if not isinstance(arch, dict) or sorted(arch) != sorted(_ARCH_KEYS):
+    if not isinstance(arch, dict) or sorted(set(arch) - set(_ARCH_OPTIONAL)) != sorted(_ARCH_KEYS):
         raise UserError(f"{url}: incompatible architecture {arch!r}: expected the keys {list(_ARCH_KEYS)}")
     try:
         encoder = build_encoder(arch, seed=0)
@@ -193,6 +194,8 @@ def resolve_checkpoint(url: str) -> str:
     fs, path = filesystem(url)
     if not fs.exists(path):
         raise UserError(f"{url}: no such checkpoint file or folder")
+    if not fs.isdir(path):
+        return url  # a file of another name (model.pth, a download): load it, checked like any other
     found = latest_checkpoint(url)
     if found is None:
         raise UserError(f"{url}: no complete checkpoint in this folder (run `cellmi train` first)")

@@ -44,10 +44,12 @@ class DIMNet(nn.Module):
         self.local_critic = local_critic
         self.global_critic = global_critic
 
-    def forward(self, x: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        """x (M, C, H, W), valid (M, h, w) bool -> global (M, G), local_emb (M, D, h, w), global_emb (M, D)
+    def forward(self, x: Tensor, valid: Tensor, share: Tensor | None = None) -> dict[str, Tensor]:
+        """x (M, C, H, W), valid (M, h, w) bool[, share (M, h, w) foreground share of each position]
+        -> global (M, G), local_emb (M, D, h, w), global_emb (M, D)
         [, summary_emb (M, D), global_emb_g (M, D) when the global critic is on]."""
-        local, global_ = self.encoder(x)
+        local = self.encoder.local_map(x)
+        global_ = self.encoder.global_from_local(local, share)
         local_emb, global_emb = self.local_critic(local, global_)
         out = {"global": global_, "local_emb": local_emb, "global_emb": global_emb}
         if self.global_critic is not None:
@@ -82,7 +84,7 @@ class Trainer:
         return self.prior if self.prior_ddp is None else self.prior_ddp
 
 
-def model_arch(settings: Settings, in_channels: int) -> dict[str, int]:
+def model_arch(settings: Settings, in_channels: int) -> dict[str, Any]:
     """Encoder kwargs from the model settings and the store's channel count."""
     m = settings.model
     return {
@@ -91,6 +93,7 @@ def model_arch(settings: Settings, in_channels: int) -> dict[str, int]:
         "local_dim": m.local_dim,
         "global_dim": m.global_dim,
         "crop": m.crop,
+        "pool": m.pool,
     }
 
 

@@ -56,14 +56,15 @@ def _gathered(tensor: Tensor, with_grad: bool, gather: bool) -> Tensor:
 
 
 def _inputs(trainer: Trainer, batch: Batch, cfg: TrainSettings, device: torch.device) -> tuple[Tensor, ...]:
-    """Batch -> x (M, C, H, W), sample ids (M,), valid local positions (M, h, w) bool; M = B * N."""
+    """Batch -> x (M, C, H, W), sample ids (M,), valid local positions (M, h, w) bool, foreground share
+    of each local position (M, h, w); M = B * N."""
     n = batch.images.shape[1]
     x = batch.images.flatten(0, 1).to(device, non_blocking=True)
     if device.type == "cuda" and cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ids = batch.samples.to(device).repeat_interleave(n)
-    valid = trainer.encoder.pool_mask(batch.masks.flatten(0, 1).to(device)) >= cfg.local_foreground
-    return x, ids, valid
+    share = trainer.encoder.pool_mask(batch.masks.flatten(0, 1).to(device))
+    return x, ids, share >= cfg.local_foreground, share
 
 
 def _mi_terms(
@@ -74,6 +75,12 @@ def _mi_terms(
     local_ids = _gathered(ids, False, gather)
     local_valid = _gathered(valid.to(torch.uint8), False, gather).bool()
     local = local_mi_loss(local_emb, out["global_emb"], local_ids, ids, local_valid, cfg.estimator)
+    if cfg.crop_pairs > 0:
+        crops = torch.arange(len(local_ids), device=ids.device)
+        first = torch.distributed.get_rank() * len(ids) if gather else 0  # this rank's rows of the gather
+        own = local_mi_loss(local_emb, out["global_emb"], crops, crops[first : first + len(ids)], local_valid,
+                            cfg.estimator)
+        local = local + cfg.crop_pairs * own
     if "summary_emb" not in out:
         return local, torch.zeros((), device=local.device)
     summary = _gathered(out["summary_emb"], True, gather)
@@ -90,9 +97,9 @@ def _prior_samples(
 
 def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> tuple[Tensor, ...]:
     """Encoder + critics: MI terms and the prior's generator term; returns the loss terms and the codes."""
-    x, ids, valid = _inputs(trainer, batch, cfg, dist.device)
+    x, ids, valid, share = _inputs(trainer, batch, cfg, dist.device)
     with _autocast(cfg, dist.device):
-        out = trainer.train_net(x, valid)
+        out = trainer.train_net(x, valid, share)
     local, global_ = _mi_terms(out, ids, valid, cfg, cfg.gather_negatives and dist.distributed)
     codes = torch.sigmoid(out["global"].float())
     with frozen(trainer.prior):

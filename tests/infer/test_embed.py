@@ -31,6 +31,28 @@ def test_shared_map_equals_naive_within_1e5(shape, window, stride, crop):
     assert np.abs(shared - naive).max() <= 1e-5
 
 
+def test_foreground_pooling_shared_equals_naive_and_ignores_background():
+    """With pool="foreground" the mask weights the pooling the same way in both paths, and changing
+    background pixels far from the cells barely moves a window's vector (the plain mean moves)."""
+    rng = np.random.default_rng(1)
+    shape, window = (160, 160), 64
+    pixels = rng.normal(size=(3, *shape)).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[48:128, 32:128] = True
+    corners = window_grid(shape, window, 16)
+    edge = np.flatnonzero((corners == [0, 48]).all(axis=1))  # rows 0..63: background above, cells below
+    moved = pixels.copy()
+    moved[:, :12, :] += 3.0  # background rows far from the cells
+    change = {}
+    for pool in ("foreground", "mean"):
+        encoder = tiny_encoder(crop=48, pool=pool)
+        shared = embed_shared(encoder, pixels, corners, window, mask=mask)
+        assert np.abs(shared - embed_naive(encoder, pixels, corners, window, mask=mask)).max() <= 1e-5
+        change[pool] = np.abs(embed_shared(encoder, moved, corners, window, mask=mask) - shared)[edge].max()
+    assert change["mean"] > 1e-2
+    assert change["foreground"] < 0.05 * change["mean"], change
+
+
 def test_shared_map_would_differ_off_the_encoder_grid():
     """The comparison can fail: a window shifted off the stride grid gives other vectors."""
     rng = np.random.default_rng(0)

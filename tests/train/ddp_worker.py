@@ -33,7 +33,7 @@ def gradient_error(settings: Settings, dist) -> float:
     reference = copy.deepcopy(trainer.net)
     wrap_distributed(trainer, dist)
     loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
-    x, ids, valid = _inputs(trainer, loader.batch(0), settings.train, dist.device)
+    x, ids, valid, _ = _inputs(trainer, loader.batch(0), settings.train, dist.device)
     loader.close()
     local, _ = _mi_terms(trainer.train_net(x, valid), ids, valid, settings.train, gather=True)
     local.backward()

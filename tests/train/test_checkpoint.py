@@ -22,7 +22,7 @@ from cellmi.train.checkpoint import (
     save_checkpoint,
 )
 
-ARCH = {"in_channels": 3, "width": 8, "local_dim": 16, "global_dim": 8, "crop": 48}
+ARCH = {"in_channels": 3, "width": 8, "local_dim": 16, "global_dim": 8, "crop": 48, "pool": "mean"}
 
 
 def state_for(encoder: Encoder, step: int) -> dict:

@@ -137,3 +137,14 @@ def test_every_estimator_with_the_global_term_trains(workdir, estimator):
     assert all(abs(r[k]) < 1e6 for r in records for k in ("loss", "local", "global", "prior_disc"))
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
     assert set(state["critics"]) == {"local", "global"}
+
+
+def test_crop_pairs_add_a_second_local_term(tmp_path, store_dir):
+    """Same seed, same first batch: the crop-level term adds w times a positive loss to the local term."""
+    first = {}
+    for weight in (0.0, 0.5):
+        workdir = str(tmp_path / f"w{weight}")
+        shutil.copytree(store_dir, workdir)
+        assert main(tiny_settings(workdir, steps=1, crop_pairs=weight, checkpoint_every=1000)) == 0
+        first[weight] = metrics(workdir)[0]["local"]
+    assert first[0.0] + 0.1 < first[0.5] < 2 * first[0.0], first
