@@ -2,7 +2,7 @@
 
 Jobs: synth, ingest, train, infer, cluster, run, config. Every flag is also an environment
 variable (``--train.steps 5`` is ``CELLMI_TRAIN__STEPS=5``); ``cellmi <job> --help`` lists them.
-User errors print one line and exit with status 2.
+User errors print one line and exit with status 2; credentials inside URLs are never printed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from cellmi.errors import UserError
 from cellmi.log import log, setup_logging
-from cellmi.settings import ENV_PREFIX, NESTED, Settings, as_dict, check_env
+from cellmi.settings import ENV_PREFIX, NESTED, Settings, as_dict, check_env, redact
 
 JOBS: dict[str, tuple[str, str]] = {
     "synth": ("cellmi.data.synth_job", "make the synthetic HT29-like screen (raw DIB folder or store)"),
@@ -46,7 +46,7 @@ def describe_validation(err: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     shown = first.get("input")
     got = "" if isinstance(shown, dict) or shown is None else f" (got {shown!r})"
-    return f"{env} ({flag}): {message}{got}"
+    return redact(f"{env} ({flag}): {message}{got}")
 
 
 def run_config(settings: Settings) -> int:
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellmi {job}: error: {describe_validation(err)}", file=sys.stderr)
         return 2
     except UserError as err:
-        print(f"cellmi {job}: error: {err}", file=sys.stderr)
+        print(redact(f"cellmi {job}: error: {err}"), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         log.debug("storage error", exc_info=True)
-        print(f"cellmi {job}: error: {message}", file=sys.stderr)
+        print(redact(f"cellmi {job}: error: {message}"), file=sys.stderr)
         return 2
 
 

@@ -6,8 +6,17 @@ import logging
 import os
 import sys
 
+from cellmi.settings import redact
+
 LOGGER_NAME = "cellmi"
 log = logging.getLogger(LOGGER_NAME)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines with ``scheme://user:password@`` in URLs (an address, an endpoint, an error) redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -15,7 +24,7 @@ def setup_logging(level: str = "INFO") -> None:
     rank = int(os.environ.get("RANK", "0"))
     handler = logging.StreamHandler(sys.stderr)
     prefix = f"[rank {rank}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level if rank == 0 else "WARNING")
     log.propagate = False

@@ -42,6 +42,11 @@ def dask_client(settings: InferSettings) -> Iterator[Client]:
     if address:
         try:
             client = Client(address, timeout=CONNECT_TIMEOUT)
+        except ValueError:  # Dask's parser: its message repeats the address without its scheme (unredactable)
+            raise UserError(
+                f"{address}: not a Dask scheduler address (CELLMI_INFER__SCHEDULER_ADDRESS or "
+                "DASK_SCHEDULER_ADDRESS); expected e.g. tcp://scheduler:8786"
+            ) from None
         except (OSError, TimeoutError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise UserError(
@@ -62,7 +67,9 @@ def dask_client(settings: InferSettings) -> Iterator[Client]:
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",
-                silence_logs=logging.ERROR,
+                # A failed task is reported once, in one line, by compute_parts; the workers' own
+                # "Compute Failed" records (a traceback each, per retry) only at --log_level DEBUG.
+                silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
             )
             client = Client(cluster)
         log.info("started a local Dask cluster: %d worker processes x 1 thread", workers)
@@ -104,8 +111,10 @@ def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, st
     if failed:
         (sample, field), err = failed[0][0][0], failed[0][1]
         count = sum(len(g) for g, _ in failed)
+        # A task of several fields may have finished some before it failed: say tasks, not "fields failed".
         raise UserError(
-            f"{count} field(s) failed after {retries} retries, first {sample}_{field}: "
-            f"{type(err).__name__}: {err}; re-run to finish them (done fields are kept)"
+            f"{len(failed)} of {len(groups)} task(s) ({count} field(s)) failed after {retries} retries, "
+            f"first {sample}_{field}: {type(err).__name__}: {err}; "
+            "re-run to finish them (fields done before a failure are kept)"
         )
     return computed

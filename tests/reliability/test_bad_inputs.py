@@ -40,6 +40,7 @@ def assert_one_line_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
+    return errors[0]
 
 
 def tiff_bytes(array):
@@ -159,3 +160,82 @@ def test_unauthorised_s3(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- bad checkpoints given to `cellmi infer`
+class CodePayload:
+    """Runs code when a full unpickler loads it: creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def infer_run(tmp_path):
+    """A run folder with a small complete store and no checkpoint of its own."""
+    from cellmi.store import join
+    from tests.infer.standin import make_store
+
+    workdir = str(tmp_path / "run")
+    make_store(join(workdir, "store.zarr"), samples=2, fields=1, size=96)
+    return workdir
+
+
+def checkpoint_state(**changes):
+    """A complete checkpoint dict of the tiny encoder, with ``changes``."""
+    from cellmi.train.checkpoint import CHECKPOINT_KEYS, FORMAT
+    from tests.infer.standin import CHANNELS, TINY, tiny_encoder
+
+    state = {key: {} for key in CHECKPOINT_KEYS}
+    state.update(format=FORMAT, arch=dict(TINY), encoder=tiny_encoder().state_dict(), step=7, stop_reason="steps",
+                 settings={"model": {"crop": TINY["crop"]}}, channels=list(CHANNELS), train_seconds=0.0)
+    state.update(changes)
+    return state
+
+
+def assert_nothing_computed(workdir):
+    assert sorted(os.listdir(workdir)) == ["store.zarr"]  # no parts, no representations
+
+
+@pytest.mark.parametrize(
+    ("arch", "fragment"),
+    [
+        ({"width": 16}, "checkpoint weights do not fit the encoder architecture"),
+        ({"depth": 3}, "incompatible architecture"),
+    ],
+)
+def test_a_checkpoint_of_another_architecture_is_refused_by_infer(tmp_path, arch, fragment):
+    import torch
+
+    from tests.infer.standin import TINY
+
+    workdir = infer_run(tmp_path)
+    url = str(tmp_path / "other" / "step_000007.pt")
+    os.makedirs(os.path.dirname(url))
+    torch.save(checkpoint_state(arch={**TINY, **arch}), url)  # the tiny weights under another description
+    proc = cellmi("infer", "--workdir", workdir, "--infer.checkpoint", url, "--infer.workers", "1")
+    assert_one_line_error(proc, f"cellmi infer: error: {url}: ", fragment)
+    assert_nothing_computed(workdir)
+
+
+def test_a_pickle_with_code_given_to_infer_is_refused_unrun(tmp_path):
+    import pickle
+
+    import torch
+
+    workdir = infer_run(tmp_path)
+    marker = tmp_path / "code-ran"
+    url = str(tmp_path / "evil.pt")
+    torch.save(checkpoint_state(settings=CodePayload(str(marker))), url)
+    plain = str(tmp_path / "evil.pkl")  # a bare pickle of the code, and a file name not ending in .pt
+    with open(plain, "wb") as handle:
+        pickle.dump(CodePayload(str(marker)), handle)
+    for path in (url, plain):
+        proc = cellmi("infer", "--workdir", workdir, "--infer.checkpoint", path, "--infer.workers", "1")
+        assert_one_line_error(proc, f"cellmi infer: error: {path}: refused to load", "(nothing in it was run)")
+        assert not marker.exists(), f"loading {path} ran the code in it"
+    assert_nothing_computed(workdir)
+    torch.load(url, weights_only=False)  # the control: a full unpickler does run it
+    assert marker.exists()
