@@ -123,7 +123,9 @@ class IngestSettings(Section):
 class ModelSettings(Section):
     """Encoder architecture (saved with every checkpoint)."""
 
-    crop: int = Field(128, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride).")
+    crop: int = Field(
+        256, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride); the window too."
+    )
     width: int = Field(
         16, ge=4, le=1024,
         description="Channels of the first conv layer (the trunk widens to 2x and 4x, then local_dim).",
@@ -131,10 +133,17 @@ class ModelSettings(Section):
     local_dim: int = Field(128, ge=8, le=2048, description="Channels of the local feature map.")
     global_dim: int = Field(64, ge=2, le=2048, description="Size of the global representation.")
     pool: Literal["mean", "foreground"] = Field(
-        "mean",
+        "foreground",
         description="Global vector from the plain mean of the local map, or weighted by each position's foreground.",
     )
     critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
+
+
+def _none_word(value: Any) -> Any:
+    """``none``, ``null`` or empty (from a variable or flag) means None."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+        return None
+    return value
 
 
 class TrainSettings(Section):
@@ -142,7 +151,7 @@ class TrainSettings(Section):
 
     steps: int = Field(3000, ge=1, description="Optimisation steps.")
     time_budget_s: float | None = Field(
-        240.0, gt=0, description="Stop after this many seconds of training even if steps remain."
+        360.0, gt=0, description="Stop after this many seconds of training even if steps remain (none: no limit)."
     )
     batch_samples: int = Field(8, ge=2, description="B: samples per batch (per process).")
     fields_per_sample: int = Field(4, ge=1, description="N: fields of view per sample in a batch.")
@@ -165,7 +174,7 @@ class TrainSettings(Section):
         0.1, ge=0, le=1, description="Local positions seeing less foreground than this are left out of the loss."
     )
     crop_pairs: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="Weight of a second local term with crop-level pairs (a crop's own positions are its only "
         "positives): keeps per-crop detail that sample-level pairs average away.",
@@ -184,13 +193,7 @@ class TrainSettings(Section):
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
     log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")
 
-    @field_validator("time_budget_s", mode="before")
-    @classmethod
-    def _no_budget(cls, value: Any) -> Any:
-        """``none``, ``null`` or empty (from a variable or flag) means no time budget."""
-        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
-            return None
-        return value
+    _no_budget = field_validator("time_budget_s", mode="before")(_none_word)
 
 
 class InferSettings(Section):
@@ -200,8 +203,11 @@ class InferSettings(Section):
         None, description="Checkpoint file or folder (local or s3://); default: newest in {workdir}/checkpoints."
     )
     window: int | None = Field(None, ge=16, description="Window edge; default: the training crop.")
-    stride: int | None = Field(None, ge=1, description="Window step; default: half a window.")
-    min_foreground: float = Field(0.2, ge=0, le=1, description="Windows with less foreground are dropped.")
+    stride: int | None = Field(
+        32, ge=1, description="Window step in pixels (a multiple of the encoder stride); none: half a window."
+    )
+    min_foreground: float = Field(0.1, ge=0, le=1, description="Windows with less foreground are dropped.")
+    _half_window = field_validator("stride", mode="before")(_none_word)
     keep_background: bool = Field(False, description="Keep background windows, flagged, instead of dropping.")
     mode: Literal["shared", "naive"] = Field(
         "shared", description="shared: one feature map per field; naive: encode each window alone."

@@ -36,7 +36,8 @@ def make_run(workdir: str, samples: int = SAMPLES, fields: int = FIELDS) -> str:
 
 
 def settings_for(workdir: str, force: bool = False, **infer) -> Settings:
-    return Settings(workdir=workdir, force=force, infer={"workers": 2, "retries": 1, **infer})
+    infer = {"workers": 2, "retries": 1, "stride": None, "min_foreground": 0.2, **infer}
+    return Settings(workdir=workdir, force=force, infer=infer)
 
 
 def expected(settings: Settings):

@@ -33,20 +33,26 @@ def gradient_error(settings: Settings, dist) -> float:
     reference = copy.deepcopy(trainer.net)
     wrap_distributed(trainer, dist)
     loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
-    x, ids, valid, _ = _inputs(trainer, loader.batch(0), settings.train, dist.device)
+    x, ids, valid, share = _inputs(trainer, loader.batch(0), settings.train, dist.device)
     loader.close()
-    local, _ = _mi_terms(trainer.train_net(x, valid), ids, valid, settings.train, gather=True)
+    local, _ = _mi_terms(trainer.train_net(x, valid, share), ids, valid, settings.train, gather=True)
     local.backward()
     got = torch.cat([p.grad.flatten() for p in trainer.net.parameters()])
 
     world = dist.world
     xs, all_ids = all_gather_tensor(x).chunk(world), all_gather_tensor(ids)
     all_valid = all_gather_tensor(valid.to(torch.uint8)).bool()
-    outs = [reference(chunk, v) for chunk, v in zip(xs, all_valid.chunk(world), strict=True)]  # BN per rank
+    shares = all_gather_tensor(share).chunk(world)
+    outs = [  # batch-norm statistics per rank, as DDP has them
+        reference(chunk, v, s) for chunk, v, s in zip(xs, all_valid.chunk(world), shares, strict=True)
+    ]
     local_emb = torch.cat([o["local_emb"] for o in outs])
+    crops = torch.arange(len(all_ids))
+    cfg = settings.train
     losses = [
-        local_mi_loss(local_emb, o["global_emb"], all_ids, i, all_valid, settings.train.estimator)
-        for o, i in zip(outs, all_ids.chunk(world), strict=True)
+        local_mi_loss(local_emb, o["global_emb"], all_ids, i, all_valid, cfg.estimator)
+        + cfg.crop_pairs * local_mi_loss(local_emb, o["global_emb"], crops, c, all_valid, cfg.estimator)
+        for o, i, c in zip(outs, all_ids.chunk(world), crops.chunk(world), strict=True)
     ]
     (sum(losses) / world).backward()
     want = torch.cat([p.grad.flatten() for p in reference.parameters()])
