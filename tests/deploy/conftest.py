@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STUBS = Path(__file__).resolve().parent / "stubs"
+
+
+def kustomize(overlay: str) -> str:
+    """The manifests of ``k8s/overlays/{overlay}`` as kubectl's kustomize renders them."""
+    args = ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)]
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
 class Slurm:

