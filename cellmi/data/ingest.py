@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from cellmi.data.masks import foreground_mask
 from cellmi.data.readers import read_image_file
 from cellmi.errors import UserError
-from cellmi.log import log
+from cellmi.log import log, progress
 from cellmi.settings import IngestSettings, Settings, as_dict, digest
 from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, exists, filesystem, is_s3, join, provenance
 
@@ -140,7 +139,7 @@ def validate_fields(fields: list[Field], workers: int) -> tuple[tuple[int, int],
     """Read every field once; return the common (Y, X) shape and every problem found."""
     problems, shapes = [], defaultdict(list)
     checked = bounded_map(_check_field, fields, workers)
-    for field, (shape, problem) in zip(fields, tqdm(checked, total=len(fields), desc="check", leave=False),
+    for field, (shape, problem) in zip(fields, progress(checked, total=len(fields), desc="check", leave=False),
                                        strict=True):
         if problem:
             problems.append(problem)
@@ -212,7 +211,7 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
         return sample, field_id, pixels, foreground_mask(pixels, cfg.mask_pixels, seed=0)
 
     try:
-        for sample, field_id, pixels, mask in tqdm(bounded_map(with_mask, images, workers), total=count,
+        for sample, field_id, pixels, mask in progress(bounded_map(with_mask, images, workers), total=count,
                                                    desc="ingest", unit="field"):
             writer.write_image(sample, field_id, pixels, mask)
             if meta.split[sample] == "train":

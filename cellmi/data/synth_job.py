@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 
-from tqdm.auto import tqdm
-
 from cellmi.data.ingest import PHENOTYPE_FILE, choose_split, ingest_fingerprint, refuse_existing, write_store
 from cellmi.data.readers import write_dib
 from cellmi.data.synth import CHANNELS, sample_id, synth_screen
 from cellmi.errors import UserError
-from cellmi.log import log
+from cellmi.log import log, progress
 from cellmi.settings import Settings, digest
 from cellmi.store import STORE_NAME, StoreMeta, exists, join, provenance, write_bytes_atomic
 
@@ -59,7 +57,7 @@ def write_raw(settings: Settings, folder: str) -> None:
     if exists(join(folder, PHENOTYPE_FILE)) and not settings.force:
         raise UserError(f"{folder}: already holds a synthetic screen (use --force to replace it)")
     phenotypes = {}
-    for item in tqdm(_screen(settings), total=settings.synth.samples * settings.synth.fields, desc="synth"):
+    for item in progress(_screen(settings), total=settings.synth.samples * settings.synth.fields, desc="synth"):
         phenotypes[item.sample] = item.phenotype
         for channel, plane in zip(CHANNELS, item.pixels, strict=True):
             write_bytes_atomic(join(folder, f"{item.sample}{item.field}-{channel}.DIB"), write_dib(plane))

@@ -9,11 +9,10 @@ from contextlib import contextmanager
 
 import dask
 from distributed import Client, LocalCluster, as_completed
-from tqdm import tqdm
 
 from cellmi.errors import UserError
 from cellmi.infer.task import InferJob, run_task
-from cellmi.log import log, progress_enabled
+from cellmi.log import log, progress
 from cellmi.settings import InferSettings
 
 __all__ = ["compute_parts", "dask_client", "scheduler_address"]
@@ -100,7 +99,7 @@ def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, st
     }
     total = sum(len(g) for g in groups)
     computed, failed = 0, []
-    with tqdm(total=total, unit="field", desc="infer", disable=not progress_enabled()) as bar:
+    with progress(total=total, unit="field", desc="infer") as bar:
         for future in as_completed(futures):
             group = futures[future]
             try:

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from cellmi.log import log, progress_enabled
+from cellmi.log import log, progress
 from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
@@ -170,13 +169,7 @@ def _start(settings: Settings, dist: DistInfo, threads: int) -> _Run:
     loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
     main = dist.rank == 0
     metrics = MetricsLog(join(ckpt_dir, METRICS_FILE), keep_until=trainer.step) if main else None
-    bar = tqdm(
-        total=settings.train.steps,
-        initial=trainer.step,
-        desc="train",
-        unit="step",
-        disable=not (main and progress_enabled()),
-    )
+    bar = progress(total=settings.train.steps, initial=trainer.step, desc="train", unit="step", disable=not main)
     run = _Run(
         settings, dist, store, trainer, loader, metrics, bar, saved, TrainResult(trainer.step, "steps", None)
     )
