@@ -221,3 +221,15 @@ def test_preview_is_a_stretched_composite():
         preview_rgb(field.pixels)[field.foreground, 0].mean()
         > 2 * preview_rgb(field.pixels)[~field.foreground, 0].mean()
     )
+
+
+def test_gmm_masks_recover_the_known_foreground_of_every_phenotype():
+    """Ingest's mask against the generator's truth, one field per phenotype (defocused ones too)."""
+    from cellmi.data.masks import foreground_mask, iou
+
+    scores = []
+    for index in range(len(PHENOTYPES)):
+        field = synth_field(index, 0, seed=3)
+        scores.append(iou(foreground_mask(field.pixels), field.foreground))
+    assert np.mean(scores) >= 0.8, scores
+    assert min(scores) >= 0.6, scores
