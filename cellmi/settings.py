@@ -244,6 +244,13 @@ class ClusterSettings(Section):
     profile_method: Literal["ward", "gmm"] = Field(
         "ward", description="Clustering of field profiles: Ward linkage or a diagonal Gaussian mixture."
     )
+    focus_qc: float = Field(
+        0.67,
+        ge=0,
+        lt=1,
+        description="Fields whose focus score is below this fraction of the split's median are flagged blurred, "
+        "left out when the field clusters are fitted, then assigned to the nearest; 0 turns the check off.",
+    )
     figure_points: int = Field(
         3000, ge=100, description="Windows per panel of the 2-D UMAP figure (a seeded subsample above it)."
     )

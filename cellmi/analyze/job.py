@@ -50,6 +50,7 @@ from sklearn.mixture import GaussianMixture
 
 from cellmi import __version__
 from cellmi.analyze.figures import Panel, bic_figure, confusion_figure, gallery_figure, umap_figure
+from cellmi.analyze.focus import field_focus, sharp_fields
 from cellmi.analyze.gallery import (
     cluster_traits,
     colour_slots,
@@ -113,6 +114,7 @@ SCORE_KEYS = (
     "map",
     "nn_accuracy",
 )
+Focus = dict[tuple[str, str], float]  # (sample, field) -> focus score
 OTHER_SPLITS = {"test": ("train", "all"), "train": ("test", "all"), "all": ()}
 
 
@@ -211,6 +213,18 @@ class Clustering:
     bic: dict[int, float]
 
 
+def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
+    """Focus score of every field of the representations, read from their image store (none when QC is off)."""
+    if cfg.focus_qc <= 0:
+        return {}
+    pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates()
+    try:
+        return field_focus(open_store(str(reps.attrs["store"])), list(pairs.itertuples(index=False, name=None)))
+    except (UserError, OSError, KeyError) as err:
+        log.warning("cluster: no focus check (image store unavailable: %s)", err)
+        return {}
+
+
 def cluster_windows(
     x: np.ndarray, cfg: ClusterSettings, k: int, select: str, client: Any
 ) -> tuple[Reducer, GaussianMixture, np.ndarray, dict[int, float]]:
@@ -227,14 +241,29 @@ def cluster_windows(
     return reducer, gmm, z, bic
 
 
+def fit_sharp_profiles(
+    fields: pd.DataFrame, profiles: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus
+) -> tuple[ProfileModel, np.ndarray]:
+    """Field clusters fitted on the fields in focus, every field then assigned to the nearest.
+
+    Adds ``focus`` and ``blurred`` columns to ``fields``.
+    """
+    keys = zip(fields["sample"].astype(str), fields["field"].astype(str), strict=True)
+    fields["focus"] = np.array([focus.get(key, np.nan) for key in keys], np.float32)
+    sharp = sharp_fields(fields["focus"].to_numpy(), cfg.focus_qc, least=k)
+    fields["blurred"] = ~sharp
+    model, _ = fit_profiles(profiles[sharp], k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    return model, assign_profiles(model, profiles)
+
+
 def cluster_fields(
-    table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int
+    table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus
 ) -> tuple[pd.DataFrame, np.ndarray, ProfileModel]:
     """Vote and profile labels per field; profile ids are aligned to the vote's ids."""
     fields, profiles = field_profiles(table, x, cfg.aggregate)
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
-    model, plabels = fit_profiles(profiles, k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    model, plabels = fit_sharp_profiles(fields, profiles, cfg, k, focus)
     mapping = align_labels(fields["cluster_vote"].to_numpy(), plabels)
     model, plabels = relabel(model, plabels, mapping)
     fields["cluster_profile"] = plabels
@@ -242,12 +271,12 @@ def cluster_fields(
 
 
 def cluster_feature_set(
-    reps: Representations, name: str, cfg: ClusterSettings, k: int, select: str, client: Any
+    reps: Representations, name: str, cfg: ClusterSettings, k: int, select: str, client: Any, focus: Focus
 ) -> Clustering:
     x = reps.features[name]
     reducer, gmm, z, bic = cluster_windows(x, cfg, k, select, client)
     labels, prob = assign(gmm, z)
-    fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components)
+    fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components, focus)
     return Clustering(reducer, gmm, z, labels, prob, fields, profiles, model, bic)
 
 
@@ -305,7 +334,7 @@ def primary_scores(reps: Representations, c: Clustering, cfg: ClusterSettings, p
 
 
 def profile_split(
-    reps: Representations, split: str, name: str, cfg: ClusterSettings, phen: dict[str, str]
+    reps: Representations, split: str, name: str, cfg: ClusterSettings, phen: dict[str, str], focus: Focus
 ) -> tuple[dict, pd.DataFrame] | None:
     """Image-level scores of a split from field profiles alone (one cluster per sample); no UMAP."""
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
@@ -313,7 +342,7 @@ def profile_split(
         return None
     fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate)
     k = int(fields["sample"].nunique())
-    model, labels = fit_profiles(profiles, k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    model, labels = fit_sharp_profiles(fields, profiles, cfg, k, focus)
     fields["cluster_profile"] = labels
     out = empty_scores()
     out.update(n_images=len(fields), n_samples=k, n_clusters=int(labels.max()) + 1)
@@ -356,6 +385,8 @@ def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str]) -> pd.
         share=fields["share"].to_numpy(),
         cluster_vote=fields["cluster_vote"].to_numpy(),
         cluster_profile=fields["cluster_profile"].to_numpy(),
+        focus=fields["focus"].to_numpy() if "focus" in fields else np.nan,
+        blurred=fields["blurred"].to_numpy() if "blurred" in fields else False,
     )
     return pd.DataFrame(data)
 
@@ -527,6 +558,8 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
     phen = phenotype_map(reps)
     primary = split_rows(reps, cfg.split, url)
     k = cfg.n_clusters or int(primary.table["sample"].nunique())
+    with timed("focus", timings):
+        focus = fields_focus(reps, cfg)
     metrics: dict[str, Any] = {
         "format": 1,
         "split": cfg.split,
@@ -542,11 +575,11 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
             select = cfg.select if name == "dim" else "fixed"
             k_used = k if name == "dim" else results["dim"].mixture.n_components
             with timed(f"cluster {name}", timings):
-                results[name] = cluster_feature_set(primary, name, cfg, k_used, select, client)
+                results[name] = cluster_feature_set(primary, name, cfg, k_used, select, client, focus)
             metrics[name] = {cfg.split: primary_scores(primary, results[name], cfg, phen)}
             with timed(f"profiles {name}", timings):
                 for split in OTHER_SPLITS[cfg.split]:
-                    found = profile_split(reps, split, name, cfg, phen)
+                    found = profile_split(reps, split, name, cfg, phen, focus)
                     if found is not None:
                         metrics[name][split] = found[0]
                         others[f"{name}/{split}"] = found

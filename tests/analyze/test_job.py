@@ -80,6 +80,7 @@ def test_tables_have_metadata_columns_and_the_test_split_only(analysed):
     assert ((windows["probability"] > 0) & (windows["probability"] <= 1)).all()
     assert images["share"].between(0, 1).all()
     np.testing.assert_array_equal(images["cluster"], images["cluster_profile"])  # default: profile
+    assert images["focus"].notna().all() and images["blurred"].dtype == bool  # focus read from the store
 
 
 def test_metrics_structure_and_dim_beats_both_baselines(analysed):

@@ -1,0 +1,41 @@
+"""Focus QC: blurred fields score low whatever their gain, and are flagged against the median."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cellmi.analyze.focus import focus_score, sharp_fields
+from cellmi.data.masks import foreground_mask
+from cellmi.data.synth import synth_field
+
+
+def _log_dna(pixels: np.ndarray) -> np.ndarray:
+    return np.log1p(pixels[0].astype(np.float32))
+
+
+def test_defocus_lowers_the_score_and_gain_does_not_change_it():
+    field = synth_field(0, 0, seed=1, size=256)
+    assert field.defocus == 0
+    mask = foreground_mask(field.pixels)
+    sharp = focus_score(_log_dna(field.pixels), mask)
+    brighter = focus_score(_log_dna(np.clip(field.pixels * 1.3, 0, 65535)), mask)
+    blurred = focus_score(np.log1p(ndi.gaussian_filter(field.pixels[0].astype(np.float32), 2.5)), mask)
+    assert abs(brighter - sharp) < 0.05 * sharp, (sharp, brighter)
+    assert blurred < 0.5 * sharp, (sharp, blurred)
+    assert np.isnan(focus_score(_log_dna(field.pixels), np.zeros_like(mask)))
+
+
+def test_the_generators_defocused_fields_are_the_ones_flagged():
+    fields = [synth_field(s, f, seed=0, size=256) for s in range(4) for f in range(4)]
+    scores = np.array([focus_score(_log_dna(x.pixels), foreground_mask(x.pixels)) for x in fields])
+    truth = np.array([x.defocus > 0 for x in fields])
+    assert truth.any() and (~truth).any()  # the seed gives both kinds
+    np.testing.assert_array_equal(~sharp_fields(scores, 0.67, least=4), truth)
+
+
+def test_sharp_fields_off_too_few_and_missing_scores():
+    scores = np.array([1.0, 1.0, 0.2, np.nan])
+    np.testing.assert_array_equal(sharp_fields(scores, 0.67, least=2), [True, True, False, True])
+    assert sharp_fields(scores, 0.0, least=2).all()
+    assert sharp_fields(scores, 0.67, least=4).all()  # only 3 sharp: fit on all
