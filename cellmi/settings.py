@@ -239,7 +239,10 @@ class ClusterSettings(Section):
     image_labels: Literal["profile", "vote"] = Field(
         "profile", description="Per-image labels from aggregated field profiles or from the window vote."
     )
-    aggregate: Literal["median", "mean"] = Field("mean", description="Window-to-field aggregation.")
+    aggregate: Literal["weighted", "mean", "median"] = Field(
+        "weighted",
+        description="Window-to-field aggregation: mean weighted by each window's foreground fraction, mean, or median.",
+    )
     profile_dims: int = Field(16, ge=2, description="PCA dimensions of field profiles before clustering.")
     profile_method: Literal["ward", "gmm"] = Field(
         "ward", description="Clustering of field profiles: Ward linkage or a diagonal Gaussian mixture."

@@ -21,17 +21,24 @@ from sklearn.preprocessing import StandardScaler
 
 
 def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
-    """Aggregate (N, F) window vectors per field.
+    """Aggregate (N, F) window vectors per field: ``mean``, ``median`` or ``weighted`` (a mean
+    weighted by each window's ``fg_fraction``, so windows mostly of background count less).
 
-    ``table`` has one row per window with ``sample``, ``field`` and ``split``. Returns the fields
-    (one row each, sorted by sample then field: ``sample, field, split, n_windows``) and their
-    profiles (n_fields, F) float32.
+    ``table`` has one row per window with ``sample``, ``field`` and ``split`` (and ``fg_fraction``
+    for ``weighted``). Returns the fields (one row each, sorted by sample then field: ``sample,
+    field, split, n_windows``) and their profiles (n_fields, F) float32.
     """
     keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
     codes, uniques = pd.factorize(keys, sort=True)
-    frame = pd.DataFrame(np.asarray(x, np.float64))
-    grouped = frame.groupby(codes, sort=True)
-    profiles = (grouped.median() if how == "median" else grouped.mean()).to_numpy(np.float32)
+    values = np.asarray(x, np.float64)
+    if how == "weighted":
+        weight = np.maximum(table["fg_fraction"].to_numpy(np.float64), 1e-6)[:, None]
+        sums = pd.DataFrame(values * weight).groupby(codes, sort=True).sum().to_numpy()
+        profiles = (sums / pd.Series(weight[:, 0]).groupby(codes, sort=True).sum().to_numpy()[:, None])
+        profiles = profiles.astype(np.float32)
+    else:
+        grouped = pd.DataFrame(values).groupby(codes, sort=True)
+        profiles = (grouped.median() if how == "median" else grouped.mean()).to_numpy(np.float32)
     first = pd.Series(np.arange(len(codes))).groupby(codes, sort=True).first().to_numpy()
     fields = pd.DataFrame(
         {

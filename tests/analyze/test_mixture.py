@@ -63,6 +63,9 @@ def test_field_profiles_mean_and_median():
     np.testing.assert_allclose(mean, [[2.0, 3.0], [1.0, 1.0]])
     _, median = field_profiles(table, x, "median")
     np.testing.assert_allclose(median, [[1.0, 3.0], [1.0, 1.0]])
+    table["fg_fraction"] = [0.5, 0.1, 0.3, 0.6]  # field a: weights 1 : 3 : 6 of 10
+    _, weighted = field_profiles(table, x, "weighted")
+    np.testing.assert_allclose(weighted, [[3.3, 4.5], [1.0, 1.0]], rtol=1e-6)
 
 
 def test_profile_clusters_align_and_reassign():
