@@ -36,3 +36,13 @@ def assert_one_line_error(proc, *fragments: str, code: int = 2) -> str:
         assert fragment in errors[0], errors[0]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return errors[0]
+
+
+class CodePayload:
+    """Runs code when a full unpickler loads it: creates the marker file (for "refused, code not run")."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

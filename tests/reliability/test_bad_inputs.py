@@ -11,6 +11,7 @@ import pytest
 
 from cellmi.data.readers import write_dib
 from cellmi.store import open_store
+from tests.clirun import CodePayload
 
 CHANNELS = ("DNA", "pH3", "actin")
 
@@ -163,16 +164,6 @@ def test_unauthorised_s3(tmp_path):
 
 
 # ---------------------------------------------------------------- bad checkpoints given to `cellmi infer`
-class CodePayload:
-    """Runs code when a full unpickler loads it: creates the marker file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def infer_run(tmp_path):
     """A run folder with a small complete store and no checkpoint of its own."""
     from cellmi.store import join

@@ -21,6 +21,7 @@ from cellmi.train.checkpoint import (
     load_encoder,
     save_checkpoint,
 )
+from tests.clirun import CodePayload
 
 ARCH = {"in_channels": 3, "width": 8, "local_dim": 16, "global_dim": 8, "crop": 48, "pool": "mean"}
 
@@ -88,20 +89,10 @@ def test_a_corrupt_or_unfinished_newest_checkpoint_falls_back_to_the_previous(tm
         load_checkpoint(bad)
 
 
-class Payload:
-    """Runs code when unpickled by a full unpickler: creates a marker file."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
     state = state_for(encoders(1)[0], 1)
-    state["settings"] = Payload(str(marker))
+    state["settings"] = CodePayload(str(marker))
     url = str(tmp_path / "step_000001.pt")
     torch.save(state, url)
     with pytest.raises(UserError, match="refused to load"):
