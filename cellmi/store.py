@@ -289,6 +289,10 @@ class ImageStore:
         """Pixels of one field, (C, Y, X), as stored (uint16)."""
         return self.root[f"images/{image_name(sample, field_id)}/0"][...]
 
+    def read_channel(self, sample: str, field_id: str, index: int) -> np.ndarray:
+        """One channel of one field, (Y, X), as stored; reads only that channel's chunks."""
+        return self.root[f"images/{image_name(sample, field_id)}/0"][index]
+
     def read_mask(self, sample: str, field_id: str) -> np.ndarray:
         """Foreground mask of one field, (Y, X) bool."""
         arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]

@@ -37,7 +37,7 @@ def field_focus(store: ImageStore, fields: list[tuple[str, str]]) -> dict[tuple[
     scores = {}
     for sample, field in fields:
         # log intensities; the ratio ignores the data-set standardisation (an affine map)
-        first = np.log1p(store.read_image(sample, field)[0].astype(np.float32))
+        first = np.log1p(store.read_channel(sample, field, 0).astype(np.float32))
         scores[(sample, field)] = focus_score(first, store.read_mask(sample, field))
     return scores
 

@@ -66,6 +66,7 @@ def test_bbbc018_folder_becomes_a_complete_store(tmp_path):
     assert store.meta.provenance["source"] == str(tmp_path / "raw")
     for (sample, field), (pixels, truth) in truths.items():
         np.testing.assert_array_equal(store.read_image(sample, field), pixels)
+        np.testing.assert_array_equal(store.read_channel(sample, field, 1), pixels[1])
         assert iou(store.read_mask(sample, field), truth) >= 0.8
 
 
