@@ -25,12 +25,13 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
-# name -> (script, JSON it writes, the script's table function); quality last: it is the longest
+# name -> (script, JSON it writes, the script's table function, the JSON key it tabulates or None for
+# the whole report); quality last: it is the longest
 BENCHES = {
-    "train": ("bench_train.py", "train.json", "table"),
-    "infer": ("bench_infer.py", "infer.json", "table"),
-    "cluster": ("bench_cluster.py", "cluster.json", "table_md"),
-    "quality": ("bench_quality.py", "quality.json", "table"),
+    "train": ("bench_train.py", "train.json", "table", None),
+    "infer": ("bench_infer.py", "infer.json", "table", None),
+    "cluster": ("bench_cluster.py", "cluster.json", "table_md", "rows"),
+    "quality": ("bench_quality.py", "quality.json", "table", "results"),
 }
 TITLES = {
     "train": "Training speed",
@@ -60,12 +61,12 @@ def run(name: str) -> float:
 
 def table(name: str, report: object) -> str:
     """The benchmark's own Markdown table of its JSON report."""
-    script, _, function = BENCHES[name]
+    script, _, function, key = BENCHES[name]
     spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     render = getattr(module, function)
-    return render(report["rows"] if name == "cluster" else report["results"] if name == "quality" else report)
+    return render(report if key is None else report[key])
 
 
 def render(names: list[str], wall: dict[str, float]) -> tuple[dict, str]:
