@@ -93,6 +93,13 @@ class IngestSettings(Section):
         40_000, ge=1_000, description="Pixels sampled per image to fit the foreground mixture."
     )
     chunk: int = Field(256, ge=32, description="Zarr chunk edge in pixels.")
+    intensity: Literal["field", "store"] = Field(
+        "field",
+        description="Intensity normalisation recorded in the store: field (each channel's background "
+        "level subtracted, then one log offset per field taken off all channels, so a field's gain "
+        "cancels and channel ratios stay) or store (log1p of raw counts); both then standardised "
+        "with the training samples' statistics.",
+    )
 
     _csv = field_validator("channels", "test_samples", mode="before")(_split_csv)
 

@@ -24,6 +24,7 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from cellmi import __version__
+from cellmi.data.intensity import Levels, field_levels, log_intensity
 from cellmi.errors import IncompleteStoreError, UserError
 
 NGFF_VERSION = "0.5"
@@ -126,6 +127,7 @@ class StoreMeta:
     stats: dict[str, list[float]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
+    intensity: str = "store"  # cellmi.data.intensity mode; stores written before it existed used "store"
 
     @property
     def samples(self) -> list[str]:
@@ -149,6 +151,7 @@ class StoreMeta:
             "shape": list(self.shape),
             "phenotypes": self.phenotypes,
             "stats": self.stats,
+            "intensity": self.intensity,
             "provenance": self.provenance,
             "complete": self.complete,
         }
@@ -164,6 +167,7 @@ class StoreMeta:
             stats={k: list(v) for k, v in data.get("stats", {}).items()},
             provenance=dict(data.get("provenance", {})),
             complete=bool(data.get("complete", False)),
+            intensity=str(data.get("intensity", "store")),
         )
 
 
@@ -298,15 +302,25 @@ class ImageStore:
         arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]
         return arr[...].astype(bool)
 
-    def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """(C, Y, X) raw -> float32 ``(log1p(x) - mean_c) / std_c`` with data-set statistics.
+    def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(C, Y, X) raw, (Y, X) foreground -> float32 ``(log_c - mean_c) / std_c``.
 
-        Statistics are fixed for the whole store, so intensity differences between samples
-        survive (no per-crop or per-image normalisation).
+        ``log_c`` are the log intensities of the store's intensity mode
+        (:mod:`cellmi.data.intensity`); mean and std are fixed for the whole store, so intensity
+        differences between samples survive.
         """
-        mean = np.asarray(self.meta.stats["mean"], np.float32)[:, None, None]
-        std = np.asarray(self.meta.stats["std"], np.float32)[:, None, None]
-        return ((np.log1p(pixels.astype(np.float32)) - mean) / std).astype(np.float32)
+        return self.standardise(log_intensity(pixels, self.levels(pixels, mask)))
+
+    def levels(self, pixels: np.ndarray, mask: np.ndarray) -> Levels:
+        """What the store's intensity mode takes off this field (raw (C, Y, X), foreground (Y, X))."""
+        return field_levels(pixels, mask, self.meta.intensity)
+
+    def standardise(self, logs: np.ndarray) -> np.ndarray:
+        """(C, ...) log intensities -> float32 standardised with the store's statistics."""
+        shape = (-1,) + (1,) * (logs.ndim - 1)
+        mean = np.asarray(self.meta.stats["mean"], np.float32).reshape(shape)
+        std = np.asarray(self.meta.stats["std"], np.float32).reshape(shape)
+        return ((logs - mean) / std).astype(np.float32)
 
 
 def open_store(url: str) -> ImageStore:

@@ -13,31 +13,35 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cellmi.data.intensity import Levels, log_intensity
 from cellmi.store import ImageStore
 
 CHANNEL_COLOURS = {"DNA": 2, "pH3": 1, "actin": 0}  # index into (R, G, B)
 PH3 = "pH3"
-PH3_SIGMAS = 2.0  # pH3-positive: log1p intensity above the data set's foreground mean + 2 std
+PH3_SIGMAS = 2.0  # pH3-positive: log intensity above the data set's foreground mean + 2 std
 
 
 def cut_windows(
     store: ImageStore, requests: pd.DataFrame, window: int
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[Levels]]:
     """Crops for rows of ``requests`` (``sample, field, y, x``), in request order.
 
-    Each field is read once. Returns pixels (C, window, window) uint16 and masks (window, window)
-    bool per request.
+    Each field is read once. Returns pixels (C, window, window) uint16, masks (window, window)
+    bool and the intensity levels of the crop's field, per request.
     """
     crops: list[np.ndarray | None] = [None] * len(requests)
     masks: list[np.ndarray | None] = [None] * len(requests)
+    levels: list[Levels | None] = [None] * len(requests)
     positions = np.arange(len(requests))
     for (sample, field), group in requests.assign(_pos=positions).groupby(["sample", "field"], sort=True):
         pixels = store.read_image(str(sample), str(field))
         mask = store.read_mask(str(sample), str(field))
+        level = store.levels(pixels, mask)
         for pos, y, x in zip(group["_pos"], group["y"], group["x"], strict=True):
             crops[pos] = pixels[:, y : y + window, x : x + window]
             masks[pos] = mask[y : y + window, x : x + window]
-    return crops, masks  # type: ignore[return-value]
+            levels[pos] = level
+    return crops, masks, levels  # type: ignore[return-value]
 
 
 def colour_slots(channels: list[str]) -> list[int]:
@@ -86,22 +90,28 @@ def strip_png(images: list[np.ndarray], gap: int = 2) -> bytes:
 
 
 def window_traits(
-    crops: list[np.ndarray], masks: list[np.ndarray], channels: list[str], stats: dict[str, list[float]]
+    crops: list[np.ndarray],
+    masks: list[np.ndarray],
+    levels: list[Levels],
+    channels: list[str],
+    stats: dict[str, list[float]],
 ) -> pd.DataFrame:
     """One row per crop: foreground fraction, mean foreground intensity per channel, pH3-positive area.
 
-    ``stats`` holds the store's per-channel ``mean``/``std`` of log1p foreground intensities; the
-    pH3-positive area is the share of window pixels above mean + 2 std of pH3.
+    ``levels`` are each crop's field levels and ``stats`` the store's per-channel ``mean``/``std``
+    of the resulting log intensities over foreground; the pH3-positive area is the share of
+    window pixels above mean + 2 std of pH3.
     """
     rows = []
     ph3 = channels.index(PH3) if PH3 in channels else None
-    for crop, mask in zip(crops, masks, strict=True):
+    for crop, mask, level in zip(crops, masks, levels, strict=True):
         row = {"fg_fraction": float(mask.mean())}
         for c, name in enumerate(channels):
             row[f"intensity_{name}"] = float(crop[c][mask].mean()) if mask.any() else float("nan")
         if ph3 is not None and stats.get("mean"):
             cut = stats["mean"][ph3] + PH3_SIGMAS * stats["std"][ph3]
-            row["ph3_positive_area"] = float((np.log1p(crop[ph3].astype(np.float32)) > cut).mean())
+            logs = log_intensity(crop[ph3 : ph3 + 1], Levels(level.background[ph3 : ph3 + 1], level.offset))[0]
+            row["ph3_positive_area"] = float((logs > cut).mean())
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -468,7 +468,7 @@ def pixel_views(
     gallery_rows = np.concatenate(list(nearest.values()))
     trait_rows = _trait_rows(c.labels, cfg.seed)
     rows = np.unique(np.concatenate([gallery_rows, trait_rows]))
-    crops, masks = cut_windows(store, reps.table.iloc[rows][["sample", "field", "y", "x"]], window)
+    crops, masks, levels = cut_windows(store, reps.table.iloc[rows][["sample", "field", "y", "x"]], window)
     where = {int(r): i for i, r in enumerate(rows)}
     slots = colour_slots(store.meta.channels)
     low, high = display_range([crops[where[int(r)]] for r in gallery_rows])
@@ -477,7 +477,11 @@ def pixel_views(
     }
     picked = [where[int(r)] for r in trait_rows]
     sampled = window_traits(
-        [crops[i] for i in picked], [masks[i] for i in picked], store.meta.channels, store.meta.stats
+        [crops[i] for i in picked],
+        [masks[i] for i in picked],
+        [levels[i] for i in picked],
+        store.meta.channels,
+        store.meta.stats,
     )
     sampled["cluster"] = c.labels[trait_rows]
     traits = cluster_traits(

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cellmi.data.intensity import field_levels, log_intensity
 from cellmi.data.masks import foreground_mask
 from cellmi.data.readers import read_image_file
 from cellmi.errors import UserError
@@ -173,15 +174,17 @@ def choose_split(samples: list[str], settings: IngestSettings) -> dict[str, str]
 
 
 class IntensityStats:
-    """Running per-channel mean and std of log1p intensities over foreground pixels."""
+    """Running per-channel mean and std of log intensities (of the store's mode) over foreground pixels."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, mode: str) -> None:
+        self.mode = mode
         self.n = np.zeros(channels)
         self.total = np.zeros(channels)
         self.squares = np.zeros(channels)
 
     def add(self, pixels: np.ndarray, mask: np.ndarray) -> None:
-        values = np.log1p(pixels[:, mask].astype(np.float64))
+        levels = field_levels(pixels, mask, self.mode)
+        values = log_intensity(pixels[:, mask], levels).astype(np.float64)
         self.n += values.shape[1]
         self.total += values.sum(axis=1)
         self.squares += (values**2).sum(axis=1)
@@ -202,8 +205,9 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
     Any failure removes the partial store.
     """
     cfg = settings.ingest
+    meta.intensity = cfg.intensity
     writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk)
-    stats = IntensityStats(len(meta.channels))
+    stats = IntensityStats(len(meta.channels), cfg.intensity)
     workers = cfg.workers or os.cpu_count() or 1
 
     def with_mask(item: tuple[str, str, np.ndarray]) -> tuple[str, str, np.ndarray, np.ndarray]:

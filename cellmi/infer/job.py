@@ -160,6 +160,12 @@ def make_plan(settings: Settings) -> Plan:
             f"{ckpt}: checkpoint was trained on channels {list(ckpt_meta['channels'])}, "
             f"the store has {meta.channels}"
         )
+    trained_on = (ckpt_meta.get("data_stats") or {}).get("intensity")
+    if trained_on and trained_on != meta.intensity:
+        raise UserError(
+            f"{ckpt}: checkpoint was trained on {trained_on!r} intensities, the store has {meta.intensity!r} "
+            "(CELLMI_INGEST__INTENSITY); re-ingest with the training setting"
+        )
     window = infer.window or _training_crop(ckpt_meta, ckpt)
     stride = _stride(infer.stride, window, encoder.stride)
     check_geometry(window, stride, encoder.stride, meta.shape)

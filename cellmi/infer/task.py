@@ -75,7 +75,7 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
     fg = foreground_fraction(mask, corners, job.window)
     keep = np.ones(len(corners), bool) if job.keep_background else fg >= job.min_foreground
     corners, fg = corners[keep], fg[keep]
-    norm = store.normalise(raw)
+    norm = store.normalise(raw, mask)
     embed = embed_shared if job.mode == "shared" else embed_naive
     features = {
         "dim": embed(models.dim, norm, corners, job.window, job.batch_windows, mask),

@@ -39,7 +39,7 @@ class Batch:
 
 @dataclass
 class CachedField:
-    pixels: np.ndarray  # (C, Y, X) float32, normalised with data-set statistics
+    pixels: np.ndarray  # (C, Y, X) float32, normalised (ImageStore.normalise)
     mask: np.ndarray  # (Y, X) bool foreground
     foreground: np.ndarray  # (K, 2) int32 coordinates of foreground pixels
 
@@ -70,8 +70,8 @@ class FieldCache:
         return item
 
     def _read(self, sample: str, field_id: str) -> CachedField:
-        pixels = self.store.normalise(self.store.read_image(sample, field_id))
         mask = self.store.read_mask(sample, field_id)
+        pixels = self.store.normalise(self.store.read_image(sample, field_id), mask)
         return CachedField(pixels, mask, np.argwhere(mask).astype(np.int32))
 
 

@@ -162,7 +162,7 @@ def checkpoint_state(trainer: Trainer, settings: Settings, meta: StoreMeta, stop
         "rng": rng_state(),
         "settings": as_dict(settings),
         "stop_reason": stop_reason,
-        "data_stats": meta.stats,
+        "data_stats": {**meta.stats, "intensity": meta.intensity},
         "channels": list(meta.channels),
         "train_seconds": trainer.train_seconds,
     }

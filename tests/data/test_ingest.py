@@ -70,6 +70,21 @@ def test_bbbc018_folder_becomes_a_complete_store(tmp_path):
         assert iou(store.read_mask(sample, field), truth) >= 0.8
 
 
+@pytest.mark.parametrize("mode", ["field", "store"])
+def test_statistics_standardise_the_training_foreground(tmp_path, mode):
+    make_raw(tmp_path / "raw")
+    ingest_mod.ingest(settings_for(tmp_path / "raw", tmp_path / "work", intensity=mode))
+    store = open_store(str(tmp_path / "work" / "store.zarr"))
+    assert store.meta.intensity == mode
+    values = []
+    for sample, field in store.meta.images("train"):
+        mask = store.read_mask(sample, field)
+        values.append(store.normalise(store.read_image(sample, field), mask)[:, mask])
+    values = np.concatenate(values, axis=1)
+    np.testing.assert_allclose(values.mean(axis=1), 0, atol=1e-3)
+    np.testing.assert_allclose(values.std(axis=1), 1, atol=1e-3)
+
+
 def test_split_is_deterministic_and_explicit_list_wins(tmp_path):
     make_raw(tmp_path / "raw", samples=5, fields=1)
     a = ingest_mod.choose_split([f"{i:04d}" for i in range(1, 6)], settings_for("x", "y").ingest)

@@ -27,7 +27,12 @@ def tiny_encoder(seed: int = 0, **arch: int) -> Encoder:
 
 
 def write_checkpoint(
-    folder: str, seed: int = 1, step: int = 7, channels: list[str] | None = None, **arch: int
+    folder: str,
+    seed: int = 1,
+    step: int = 7,
+    channels: list[str] | None = None,
+    data_stats: dict | None = None,
+    **arch: int,
 ) -> str:
     """A complete checkpoint of ``tiny_encoder(seed)`` through the training code's writer."""
     encoder = tiny_encoder(seed, **arch)
@@ -41,6 +46,7 @@ def write_checkpoint(
         stop_reason="steps",
         settings={"model": {"crop": full["crop"]}},
         channels=channels or list(CHANNELS),
+        data_stats=data_stats or {},
         train_seconds=0.0,
     )
     return save_checkpoint(folder, state, step, keep=3)

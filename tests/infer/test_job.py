@@ -257,6 +257,10 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     write_checkpoint(other, channels=["a", "b", "c"])
     with pytest.raises(UserError, match=r"trained on channels \['a', 'b', 'c'\]"):
         make_plan(settings_for(workdir, checkpoint=other))
+    field_trained = str(tmp_path / "field-trained")
+    write_checkpoint(field_trained, data_stats={"intensity": "field"})  # the stand-in store is "store"
+    with pytest.raises(UserError, match=r"trained on 'field' intensities, the store has 'store'.*INTENSITY"):
+        make_plan(settings_for(workdir, checkpoint=field_trained))
     assert not exists(join(workdir, PARTS_NAME)) and not exists(join(workdir, "representations.zarr"))
 
 

@@ -56,7 +56,7 @@ def test_crops_sit_on_foreground_and_are_not_renormalised(store_dir):
     try:
         batch = loader.batch(0)
         assert batch.masks.float().mean(dim=(2, 3)).min() > 0
-        fields = [store.normalise(store.read_image(s, f)) for s, f in store.meta.images("train")]
+        fields = [store.normalise(store.read_image(s, f), store.read_mask(s, f)) for s, f in store.meta.images("train")]
         for crop in batch.images.flatten(0, 1).numpy():
             # the crop is a verbatim window of a normalised field (data-set statistics, no per-crop scaling)
             assert any(_contains(field, crop) for field in fields)
