@@ -158,7 +158,10 @@ class TrainSettings(Section):
 
     steps: int = Field(3000, ge=1, description="Optimisation steps.")
     time_budget_s: float | None = Field(
-        360.0, gt=0, description="Stop after this many seconds of training even if steps remain (none: no limit)."
+        360.0,
+        gt=0,
+        description="Stop after this many seconds of training (wall clock of the loop, waits for data included, "
+        "checkpoint writes not) even if steps remain (none: no limit).",
     )
     batch_samples: int = Field(8, ge=2, description="B: samples per batch (per process).")
     fields_per_sample: int = Field(4, ge=1, description="N: fields of view per sample in a batch.")
@@ -197,6 +200,12 @@ class TrainSettings(Section):
     threads: int = Field(
         0, ge=0, description="Torch threads per process; 0 means cores / processes less one for crop loading."
     )
+    loader_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads cutting and augmenting crops per process; 0: one on CPU, on a GPU up to 8 "
+        "(the cores left per process), since one thread cannot feed a GPU.",
+    )
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
     log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")
 
@@ -216,6 +225,11 @@ class InferSettings(Section):
     min_foreground: float = Field(0.1, ge=0, le=1, description="Windows with less foreground are dropped.")
     _half_window = field_validator("stride", mode="before")(_none_word)
     keep_background: bool = Field(False, description="Keep background windows, flagged, instead of dropping.")
+    views: Literal[1, 2, 4, 8] = Field(
+        1,
+        description="Test-time views: each window's vector is the mean over this many dihedral views of its "
+        "field (1: as is; 2: and flipped; 4: quarter turns; 8: turns and flips); costs that many passes.",
+    )
     mode: Literal["shared", "naive"] = Field(
         "shared", description="shared: one feature map per field; naive: encode each window alone."
     )

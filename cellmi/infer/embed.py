@@ -16,7 +16,10 @@ import torch
 
 from cellmi.infer.windows import map_groups
 
-__all__ = ["EncoderLike", "activation_bytes", "embed_naive", "embed_shared"]
+__all__ = ["VIEWS", "EncoderLike", "activation_bytes", "embed_naive", "embed_shared", "embed_views", "view_of"]
+
+# Test-time views: how many of the field's dihedral transforms each window's vector averages over.
+VIEWS = (1, 2, 4, 8)
 
 
 class EncoderLike(Protocol):
@@ -129,3 +132,42 @@ def activation_bytes(encoder: torch.nn.Module, channels: int, size: int) -> tupl
             hook.remove()
     peak = max(sizes, default=0) + channels * size * size + local.numel()
     return 4 * peak, tuple(local.shape[1:])
+
+
+def view_of(
+    pixels: np.ndarray, mask: np.ndarray | None, corners: np.ndarray, window: int, view: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Dihedral transform ``view`` (0-7: ``view % 4`` quarter turns, then a left-right flip from 4 on)
+    of a field (C, Y, X), its mask (Y, X) and window corners (n, 2) as (y, x): the same windows,
+    seen turned."""
+    turns, flip = view % 4, view >= 4
+    pix, msk, cor = pixels, mask, np.asarray(corners).copy()
+    for _ in range(turns):  # counter-clockwise: (y, x) -> (width - x - window, y)
+        width = pix.shape[-1]
+        pix = np.rot90(pix, 1, axes=(-2, -1))
+        msk = None if msk is None else np.rot90(msk, 1)
+        cor = np.stack([width - cor[:, 1] - window, cor[:, 0]], axis=1)
+    if flip:
+        width = pix.shape[-1]
+        pix, msk = pix[..., ::-1], None if msk is None else msk[:, ::-1]
+        cor = np.stack([cor[:, 0], width - cor[:, 1] - window], axis=1)
+    return np.ascontiguousarray(pix), None if msk is None else np.ascontiguousarray(msk), cor
+
+
+def embed_views(
+    embed, encoder: EncoderLike, pixels: np.ndarray, corners: np.ndarray, window: int, batch: int,
+    mask: np.ndarray | None = None, views: int = 1,
+) -> np.ndarray:
+    """Mean of ``embed`` (embed_shared or embed_naive) over the first ``views`` dihedral views of the field.
+
+    Cells have no preferred orientation, so a window's vector averaged over turns and flips keeps
+    its content and loses orientation noise.
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views {views} is not one of {VIEWS}")
+    total = None
+    for view in range(views):
+        pix, msk, cor = view_of(pixels, mask, corners, window, view)
+        vectors = embed(encoder, pix, cor, window, batch, msk)
+        total = vectors if total is None else total + vectors
+    return (total / views).astype(np.float32)

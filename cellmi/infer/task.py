@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from cellmi.infer.embed import EncoderLike, embed_naive, embed_shared
+from cellmi.infer.embed import EncoderLike, embed_naive, embed_shared, embed_views
 from cellmi.infer.handcrafted import window_features
 from cellmi.infer.parts import FieldResult, done_names, write_part
 from cellmi.infer.windows import foreground_fraction, window_grid
@@ -34,6 +34,7 @@ class InferJob:
     window: int
     stride: int
     mode: Literal["shared", "naive"]
+    views: int
     min_foreground: float
     keep_background: bool
     batch_windows: int
@@ -77,9 +78,10 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
     corners, fg = corners[keep], fg[keep]
     norm = store.normalise(raw, mask)
     embed = embed_shared if job.mode == "shared" else embed_naive
+    args = (norm, corners, job.window, job.batch_windows, mask, job.views)
     features = {
-        "dim": embed(models.dim, norm, corners, job.window, job.batch_windows, mask),
-        "random": embed(models.random, norm, corners, job.window, job.batch_windows, mask),
+        "dim": embed_views(embed, models.dim, *args),
+        "random": embed_views(embed, models.random, *args),
         "handcrafted": window_features(raw, norm, mask, corners, job.window),
     }
     return FieldResult(

@@ -168,7 +168,7 @@ class CropLoader:
     """
 
     def __init__(
-        self, store: ImageStore, cfg: TrainSettings, crop: int, rank: int = 0, world: int = 1
+        self, store: ImageStore, cfg: TrainSettings, crop: int, rank: int = 0, world: int = 1, threads: int = 1
     ) -> None:
         self.store = store
         self.cfg = cfg
@@ -179,7 +179,8 @@ class CropLoader:
         stats = store.meta.stats
         self.mean = np.asarray(stats["mean"], np.float32)[:, None, None]
         self.std = np.asarray(stats["std"], np.float32)[:, None, None]
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmi-crops")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="cellmi-crops")
 
     def batch(self, step: int) -> Batch:
         cfg = self.cfg
@@ -218,9 +219,13 @@ class CropLoader:
         return np.ascontiguousarray(pixels), np.ascontiguousarray(mask)
 
     def batches(self, start: int) -> Iterator[Batch]:
-        """Batches of steps start, start+1, ...; the next ones are read while the caller trains."""
-        pending: list[Future[Batch]] = [self._pool.submit(self.batch, start + i) for i in range(PREFETCH)]
-        step = start + PREFETCH
+        """Batches of steps start, start+1, ...; the next ones are read while the caller trains.
+
+        Each batch is a pure function of its step, so several threads make the same stream.
+        """
+        ahead = max(PREFETCH, 2 * self.threads)
+        pending: list[Future[Batch]] = [self._pool.submit(self.batch, start + i) for i in range(ahead)]
+        step = start + ahead
         while True:
             batch = pending.pop(0).result()
             pending.append(self._pool.submit(self.batch, step))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cellmi.log import log, progress
-from cellmi.settings import Settings
+from cellmi.settings import Settings, TrainSettings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
 from cellmi.train.data import Batch, CropLoader
@@ -27,6 +27,7 @@ __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_trai
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SIGNAL_EXIT = 128 + signal.SIGTERM
+MAX_GPU_LOADERS = 8  # crop-loading threads per process on a GPU when train.loader_threads is 0
 
 
 @dataclass
@@ -63,6 +64,10 @@ class MetricsLog:
             write_bytes_atomic(self.url, data)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextmanager
 def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
     """Torch intra-op threads for the run, restored afterwards (callers in-process keep theirs).
@@ -73,13 +78,21 @@ def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
     """
     before = torch.get_num_threads()
     if threads == 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = max(1, cores // max(1, dist.local_world) - 1)
+        threads = max(1, _cores() // max(1, dist.local_world) - 1)
     torch.set_num_threads(threads)
     try:
         yield threads
     finally:
         torch.set_num_threads(before)
+
+
+def loader_threads(cfg: TrainSettings, dist: DistInfo) -> int:
+    """Crop-loading threads: as set, else one on CPU and up to 8 per process on a GPU."""
+    if cfg.loader_threads:
+        return cfg.loader_threads
+    if dist.device.type != "cuda":
+        return 1
+    return min(MAX_GPU_LOADERS, max(1, _cores() // max(1, dist.local_world) - 1))
 
 
 @contextmanager
@@ -166,7 +179,9 @@ def _start(settings: Settings, dist: DistInfo, threads: int) -> _Run:
     ckpt_dir = join(settings.workdir, CHECKPOINTS)
     saved = resume(trainer, ckpt_dir, store, dist)
     wrap_distributed(trainer, dist)
-    loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
+    loader = CropLoader(
+        store, settings.train, settings.model.crop, dist.rank, dist.world, loader_threads(settings.train, dist)
+    )
     main = dist.rank == 0
     metrics = MetricsLog(join(ckpt_dir, METRICS_FILE), keep_until=trainer.step) if main else None
     bar = progress(total=settings.train.steps, initial=trainer.step, desc="train", unit="step", disable=not main)
@@ -209,9 +224,9 @@ def _log(run: _Run, values: torch.Tensor) -> None:
     run.window_start, run.window_sum, run.window_steps = time.perf_counter(), None, 0
 
 
-def _step(run: _Run, batch: Batch) -> None:
+def _step(run: _Run, batch: Batch, started: float) -> None:
+    """One step; ``started`` is when the loop began waiting for ``batch`` (the budget counts the wait)."""
     cfg, trainer = run.settings.train, run.trainer
-    started = time.perf_counter()
     values = train_step(trainer, batch, cfg, run.dist)
     trainer.step += 1
     trainer.train_seconds += time.perf_counter() - started
@@ -235,7 +250,8 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
             with sigterm_flag() as signalled:
                 batches = run.loader.batches(run.trainer.step)
                 while (reason := stop_reason(run.trainer, settings, signalled["set"], dist)) is None:
-                    _step(run, next(batches))
+                    started = time.perf_counter()
+                    _step(run, next(batches), started)
         finally:
             run.bar.close()
             run.loader.close()

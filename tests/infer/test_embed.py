@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellmi.infer.embed import activation_bytes, embed_naive, embed_shared
+from cellmi.infer.embed import activation_bytes, embed_naive, embed_shared, embed_views, view_of
 from cellmi.infer.handcrafted import feature_names, window_features
 from cellmi.infer.windows import window_grid
 from tests.infer.standin import tiny_encoder
@@ -101,3 +101,40 @@ def test_handcrafted_features_match_numpy_on_one_window():
     gy, gx = np.diff(norm[0][win], axis=0), np.diff(norm[0][win], axis=1)
     assert row["DNA_grad_energy"] == pytest.approx((gy**2).mean() + (gx**2).mean(), rel=1e-4)
     assert feats[0, names.index("DNA_raw_mean")] != feats[1, names.index("DNA_raw_mean")]
+
+
+@pytest.mark.parametrize("view", range(8))
+def test_each_view_sees_the_same_windows_turned(view):
+    rng = np.random.default_rng(view)
+    pixels, mask = rng.normal(size=(2, 96, 128)).astype(np.float32), rng.random((96, 128)) > 0.5
+    corners, window = window_grid((96, 128), 32, 16), 32
+    turned, turned_mask, moved = view_of(pixels, mask, corners, window, view)
+    for (y, x), (ty, tx) in zip(corners, moved, strict=True):
+        seen = turned[:, ty : ty + window, tx : tx + window]
+        crop = pixels[:, y : y + window, x : x + window]
+        k = view % 4
+        expected = np.rot90(crop, k, axes=(1, 2))
+        expected = expected[..., ::-1] if view >= 4 else expected
+        np.testing.assert_array_equal(seen, expected)
+        assert turned_mask[ty : ty + window, tx : tx + window].sum() == mask[y : y + window, x : x + window].sum()
+
+
+@pytest.mark.parametrize("views", [4, 8])
+def test_averaged_views_make_vectors_blind_to_a_quarter_turn(views):
+    """A field turned by 90 degrees gives each window the same averaged vector; one view does not."""
+    rng = np.random.default_rng(5)
+    pixels = rng.normal(size=(3, 96, 96)).astype(np.float32)
+    mask = rng.random((96, 96)) > 0.3
+    encoder = tiny_encoder(crop=48, pool="foreground")
+    corners, window = window_grid((96, 96), 32, 16), 32
+    turned, turned_mask, moved = view_of(pixels, mask, corners, window, 1)
+    for n, expect_equal in ((views, True), (1, False)):
+        base = embed_views(embed_shared, encoder, pixels, corners, window, 64, mask, n)
+        other = embed_views(embed_shared, encoder, turned, moved, window, 64, turned_mask, n)
+        assert np.allclose(base, other, atol=1e-5) == expect_equal
+
+
+def test_unknown_view_count_is_refused():
+    with pytest.raises(ValueError, match="views 3"):
+        embed_views(embed_shared, tiny_encoder(), np.zeros((3, 64, 64), np.float32), np.zeros((0, 2), int), 32, 8,
+                    None, 3)

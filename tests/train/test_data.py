@@ -13,9 +13,10 @@ from cellmi.train.data import CropLoader, FieldCache, batch_sample_ids
 from .conftest import make_store, tiny_settings
 
 
-def loader_for(workdir: str, rank: int = 0, world: int = 1, **train) -> CropLoader:
+def loader_for(workdir: str, rank: int = 0, world: int = 1, threads: int = 1, **train) -> CropLoader:
     settings = tiny_settings(workdir, **train)
-    return CropLoader(open_store(join(workdir, STORE_NAME)), settings.train, settings.model.crop, rank, world)
+    store = open_store(join(workdir, STORE_NAME))
+    return CropLoader(store, settings.train, settings.model.crop, rank, world, threads)
 
 
 def test_batches_have_the_documented_shape_and_are_a_function_of_the_step(store_dir):
@@ -33,6 +34,17 @@ def test_batches_have_the_documented_shape_and_are_a_function_of_the_step(store_
     finally:
         a.close()
         b.close()
+
+
+def test_several_loader_threads_make_the_same_stream(store_dir):
+    one, four = loader_for(store_dir), loader_for(store_dir, threads=4)
+    try:
+        for a, b, _ in zip(one.batches(5), four.batches(5), range(12), strict=False):
+            assert (a.images == b.images).all() and (a.masks == b.masks).all()
+            assert (a.samples == b.samples).all()
+    finally:
+        one.close()
+        four.close()
 
 
 def test_samples_are_partitioned_across_ranks_each_epoch():

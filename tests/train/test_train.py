@@ -59,6 +59,22 @@ def test_time_budget_stops_training_and_is_recorded(workdir):
     assert latest_checkpoint(os.path.join(workdir, "checkpoints")) == url
 
 
+def test_time_budget_counts_the_wait_for_data(workdir, monkeypatch):
+    """A slow loader (0.25 s a batch) spends a 1 s budget in a handful of steps, not in 1 s of compute."""
+    from cellmi.train.data import CropLoader
+
+    fast = CropLoader.batch
+
+    def slow(self, step):
+        time.sleep(0.25)
+        return fast(self, step)
+
+    monkeypatch.setattr(CropLoader, "batch", slow)
+    assert main(tiny_settings(workdir, steps=100_000, time_budget_s=1.0, checkpoint_every=1000)) == 0
+    state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
+    assert state["stop_reason"] == "time_budget" and 1 <= state["step"] <= 8, state["step"]
+
+
 def test_resume_refuses_another_architecture(workdir):
     main(tiny_settings(workdir, steps=2))
     settings = tiny_settings(workdir, steps=4)
