@@ -2,6 +2,12 @@
 
 The mask decides which crops train the model and which windows are clustered; it never alters
 the pixels the encoder sees.
+
+Cells have two bright classes of their own, nuclei and cytoplasm, so a plain two-class mixture
+sometimes splits nuclei from everything else and leaves the cytoplasm in the background (one
+synthetic field in 56 kept 1 % of its cells). The mixture is therefore fitted on values capped
+well above the background (``cap_level``): nuclei and cytoplasm then look alike to it, and it
+has to split background from cells.
 """
 
 from __future__ import annotations
@@ -9,6 +15,13 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 from sklearn.mixture import GaussianMixture
+
+# The cap: on the 56 fields of the synthetic screen, uncapped gave mean IoU 0.87 and min 0.01;
+# capped at mode + 10 sigma, 0.90 and 0.80, but sharp-edged test discs lost to their smoothed rim
+# (0.60); the 70 % floor keeps the threshold off the rim (discs 0.90; screen 0.92 and 0.80).
+CAP_SIGMAS = 10.0
+CAP_SHARE = 0.7
+HISTOGRAM_BINS = 512
 
 
 def combined_log_intensity(pixels: np.ndarray) -> np.ndarray:
@@ -20,23 +33,40 @@ def combined_log_intensity(pixels: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(scaled.mean(axis=0), sigma=1.0)
 
 
+def cap_level(signal: np.ndarray) -> float:
+    """Where ``signal`` is capped before the mixture fit: above the background (the histogram mode)
+    by CAP_SIGMAS robust standard deviations of the values below the mode, or by CAP_SHARE of the
+    way to the 99th percentile, whichever is higher."""
+    counts, edges = np.histogram(signal, bins=HISTOGRAM_BINS)
+    peak = int(np.argmax(ndimage.gaussian_filter1d(counts.astype(np.float64), 2.0)))
+    mode = 0.5 * (edges[peak] + edges[peak + 1])
+    below = signal[signal < mode]
+    spread = 1.4826 * float(np.median(mode - below)) if below.size else 0.0
+    top = float(np.percentile(signal, 99))
+    return float(mode + max(CAP_SIGMAS * max(spread, 1e-3), CAP_SHARE * (top - mode)))
+
+
 def foreground_mask(pixels: np.ndarray, n_pixels: int = 40_000, seed: int = 0,
                     min_object: int = 30) -> np.ndarray:
     """Foreground of one field, (C, Y, X) -> (Y, X) bool.
 
     A two-component Gaussian mixture is fitted to a seeded pixel subsample of the combined log
-    intensity; the component with the brighter mean is foreground. Light clean-up follows:
-    opening, hole filling and removal of objects under ``min_object`` pixels.
+    intensity capped at ``cap_level``; the component with the brighter mean is foreground. Light
+    clean-up follows: opening, hole filling and removal of objects under ``min_object`` pixels.
     """
     signal = combined_log_intensity(pixels)
-    values = signal.reshape(-1, 1)
     rng = np.random.default_rng(seed)
-    take = rng.choice(values.shape[0], size=min(n_pixels, values.shape[0]), replace=False)
+    take = rng.choice(signal.size, size=min(n_pixels, signal.size), replace=False)
+    return clean_mask(_bright_class(np.minimum(signal, cap_level(signal)), take, seed), min_object)
+
+
+def _bright_class(signal: np.ndarray, take: np.ndarray, seed: int) -> np.ndarray:
+    """Pixels of the brighter of two mixture components fitted to ``signal.flat[take]``."""
+    values = signal.reshape(-1, 1)
     gmm = GaussianMixture(n_components=2, covariance_type="tied", random_state=seed, n_init=1)
     gmm.fit(values[take])
     bright = int(np.argmax(gmm.means_[:, 0]))
-    mask = (gmm.predict(values) == bright).reshape(signal.shape)
-    return clean_mask(mask, min_object)
+    return (gmm.predict(values) == bright).reshape(signal.shape)
 
 
 def clean_mask(mask: np.ndarray, min_object: int = 30) -> np.ndarray:

@@ -224,12 +224,13 @@ def test_preview_is_a_stretched_composite():
 
 
 def test_gmm_masks_recover_the_known_foreground_of_every_phenotype():
-    """Ingest's mask against the generator's truth, one field per phenotype (defocused ones too)."""
+    """Ingest's mask against the generator's truth, one field per phenotype (defocused ones too),
+    and the two fields of the default screen where an uncapped mixture split nuclei from cytoplasm
+    (IoU 0.23 and 0.01)."""
     from cellmi.data.masks import foreground_mask, iou
 
-    scores = []
-    for index in range(len(PHENOTYPES)):
-        field = synth_field(index, 0, seed=3)
-        scores.append(iou(foreground_mask(field.pixels), field.foreground))
-    assert np.mean(scores) >= 0.8, scores
-    assert min(scores) >= 0.6, scores
+    fields = [synth_field(index, 0, seed=3) for index in range(len(PHENOTYPES))]
+    fields += [synth_field(1, 2, seed=0), synth_field(10, 2, seed=0)]
+    scores = [iou(foreground_mask(field.pixels), field.foreground) for field in fields]
+    assert np.mean(scores) >= 0.85, scores
+    assert min(scores) >= 0.75, scores
