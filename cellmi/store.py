@@ -128,6 +128,7 @@ class StoreMeta:
     provenance: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
     intensity: str = "store"  # cellmi.data.intensity mode; stores written before it existed used "store"
+    pedestal: list[float] = field(default_factory=list)  # per channel, "field" mode only
 
     @property
     def samples(self) -> list[str]:
@@ -152,6 +153,7 @@ class StoreMeta:
             "phenotypes": self.phenotypes,
             "stats": self.stats,
             "intensity": self.intensity,
+            "pedestal": self.pedestal,
             "provenance": self.provenance,
             "complete": self.complete,
         }
@@ -168,6 +170,7 @@ class StoreMeta:
             provenance=dict(data.get("provenance", {})),
             complete=bool(data.get("complete", False)),
             intensity=str(data.get("intensity", "store")),
+            pedestal=[float(v) for v in data.get("pedestal", [])],
         )
 
 
@@ -313,7 +316,7 @@ class ImageStore:
 
     def levels(self, pixels: np.ndarray, mask: np.ndarray) -> Levels:
         """What the store's intensity mode takes off this field (raw (C, Y, X), foreground (Y, X))."""
-        return field_levels(pixels, mask, self.meta.intensity)
+        return field_levels(pixels, mask, self.meta.intensity, self.meta.pedestal or None)
 
     def standardise(self, logs: np.ndarray) -> np.ndarray:
         """(C, ...) log intensities -> float32 standardised with the store's statistics."""

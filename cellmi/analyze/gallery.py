@@ -110,7 +110,7 @@ def window_traits(
             row[f"intensity_{name}"] = float(crop[c][mask].mean()) if mask.any() else float("nan")
         if ph3 is not None and stats.get("mean"):
             cut = stats["mean"][ph3] + PH3_SIGMAS * stats["std"][ph3]
-            logs = log_intensity(crop[ph3 : ph3 + 1], Levels(level.background[ph3 : ph3 + 1], level.offset))[0]
+            logs = log_intensity(crop[ph3 : ph3 + 1], level.channel(ph3))[0]
             row["ph3_positive_area"] = float((logs > cut).mean())
         rows.append(row)
     return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cellmi.data.intensity import field_levels, log_intensity
+from cellmi.data.intensity import Levels, field_levels, log_intensity, store_pedestal
 from cellmi.data.masks import foreground_mask
 from cellmi.data.readers import read_image_file
 from cellmi.errors import UserError
@@ -173,28 +173,39 @@ def choose_split(samples: list[str], settings: IngestSettings) -> dict[str, str]
     return {s: ("test" if s in test else "train") for s in ordered}
 
 
-class IntensityStats:
-    """Running per-channel mean and std of log intensities (of the store's mode) over foreground pixels."""
+SAMPLE_PIXELS = 20_000  # foreground pixels per training field kept for the intensity statistics
 
-    def __init__(self, channels: int, mode: str) -> None:
+
+class IntensityStats:
+    """Per-channel mean and std of log intensities (of the store's mode) over foreground pixels.
+
+    In ``field`` mode the transform needs the store's pedestal, known only once every training
+    field has been seen, so up to ``SAMPLE_PIXELS`` foreground pixels per field are kept (seeded)
+    and the statistics are taken over them at the end.
+    """
+
+    def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.n = np.zeros(channels)
-        self.total = np.zeros(channels)
-        self.squares = np.zeros(channels)
+        self.fields: list[tuple[Levels, np.ndarray]] = []
 
     def add(self, pixels: np.ndarray, mask: np.ndarray) -> None:
-        levels = field_levels(pixels, mask, self.mode)
-        values = log_intensity(pixels[:, mask], levels).astype(np.float64)
-        self.n += values.shape[1]
-        self.total += values.sum(axis=1)
-        self.squares += (values**2).sum(axis=1)
+        values = pixels[:, mask]
+        if values.shape[1] > SAMPLE_PIXELS:
+            rng = np.random.default_rng(len(self.fields))
+            values = values[:, np.sort(rng.choice(values.shape[1], SAMPLE_PIXELS, replace=False))]
+        self.fields.append((field_levels(pixels, mask, self.mode), values))
 
-    def result(self) -> dict[str, list[float]]:
-        if not self.n.all():
+    def result(self) -> tuple[dict[str, list[float]], list[float]]:
+        """The statistics and the pedestal (empty in ``store`` mode)."""
+        kept = [(levels, values) for levels, values in self.fields if values.shape[1]]
+        if not kept:
             raise UserError("no foreground pixels in the training samples: cannot compute intensity statistics")
-        mean = self.total / self.n
-        std = np.sqrt(np.maximum(self.squares / self.n - mean**2, 1e-12))
-        return {"mean": mean.tolist(), "std": std.tolist()}
+        pedestal = store_pedestal([levels for levels, _ in kept]) if self.mode == "field" else None
+        logs = np.concatenate(
+            [log_intensity(values, Levels(lv.background, lv.offset, pedestal)) for lv, values in kept], axis=1
+        ).astype(np.float64)
+        mean, std = logs.mean(axis=1), np.maximum(logs.std(axis=1), 1e-6)
+        return {"mean": mean.tolist(), "std": std.tolist()}, [] if pedestal is None else pedestal.tolist()
 
 
 def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.ndarray]], count: int,
@@ -207,7 +218,7 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
     cfg = settings.ingest
     meta.intensity = cfg.intensity
     writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk)
-    stats = IntensityStats(len(meta.channels), cfg.intensity)
+    stats = IntensityStats(cfg.intensity)
     workers = cfg.workers or os.cpu_count() or 1
 
     def with_mask(item: tuple[str, str, np.ndarray]) -> tuple[str, str, np.ndarray, np.ndarray]:
@@ -220,7 +231,7 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
             writer.write_image(sample, field_id, pixels, mask)
             if meta.split[sample] == "train":
                 stats.add(pixels, mask)
-        meta.stats = stats.result()
+        meta.stats, meta.pedestal = stats.result()
         return writer.finish()
     except BaseException:
         writer.abort()
