@@ -95,10 +95,10 @@ class IngestSettings(Section):
     chunk: int = Field(256, ge=32, description="Zarr chunk edge in pixels.")
     intensity: Literal["field", "store"] = Field(
         "field",
-        description="Intensity normalisation recorded in the store: field (each channel's background "
-        "level subtracted, then one log offset per field taken off all channels, so a field's gain "
-        "cancels and channel ratios stay) or store (log1p of raw counts); both then standardised "
-        "with the training samples' statistics.",
+        description="Intensity normalisation recorded in the store: field (per field, background off each "
+        "channel, signal divided by the field's scale, then log(signal + the store's pedestal): a field's gain "
+        "cancels, channel ratios stay) or store (log1p of raw counts); both then standardised with the "
+        "training samples' statistics.",
     )
 
     _csv = field_validator("channels", "test_samples", mode="before")(_split_csv)
@@ -225,7 +225,7 @@ class InferSettings(Section):
     min_foreground: float = Field(0.1, ge=0, le=1, description="Windows with less foreground are dropped.")
     _half_window = field_validator("stride", mode="before")(_none_word)
     keep_background: bool = Field(False, description="Keep background windows, flagged, instead of dropping.")
-    views: Literal[1, 2, 4, 8] = Field(
+    views: int = Field(
         1,
         description="Test-time views: each window's vector is the mean over this many dihedral views of its "
         "field (1: as is; 2: and flipped; 4: quarter turns; 8: turns and flips); costs that many passes.",
@@ -244,6 +244,13 @@ class InferSettings(Section):
     memory_limit_gb: float = Field(
         4.0, gt=0, description="Refuse settings whose estimated per-task memory exceeds this."
     )
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, value: int) -> int:
+        if value not in (1, 2, 4, 8):
+            raise ValueError(f"must be 1, 2, 4 or 8, got {value}")
+        return value
 
 
 class ClusterSettings(Section):

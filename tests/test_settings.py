@@ -27,6 +27,8 @@ def test_env_and_flags_fill_the_same_fields(monkeypatch):
     assert s.train.steps == 7 and s.ingest.test_samples == ["0001", "0002"]
     assert s.workdir == "s3://bucket/run" and s.cluster.split == "all"
     assert load_settings(["--train.steps", "9"]).train.steps == 9  # flag beats env
+    monkeypatch.setenv("CELLMI_INFER__VIEWS", "4")  # a number from a variable arrives as text
+    assert load_settings([]).infer.views == 4 and load_settings(["--infer.views", "8"]).infer.views == 8
 
 
 def test_every_field_is_documented_and_defaulted():
@@ -55,6 +57,7 @@ def test_unknown_variable_is_an_error_naming_it():
         ({"CELLMI_SOURCE": "s3://Bad_Bucket/x"}, "CELLMI_SOURCE (--source): "),
         ({"CELLMI_INGEST__PATTERN": "(?P<sample>x)"}, "needs named groups ['channel', 'field']"),
         ({"CELLMI_TRAIN__ESTIMATOR": "mine"}, "CELLMI_TRAIN__ESTIMATOR (--train.estimator): Input should be"),
+        ({"CELLMI_INFER__VIEWS": "3"}, "CELLMI_INFER__VIEWS (--infer.views): must be 1, 2, 4 or 8, got 3"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch, env, expected):
