@@ -147,7 +147,9 @@ def _nuisance(
 ) -> np.ndarray:
     """Microscope nuisances on normalised (C, H, W) pixels: per-channel gain, sometimes defocus blur.
 
-    Both act on raw intensities; in the log domain a gain g is a shift of log(g) / std.
+    Both act on linear intensities; in the log domain a gain g is a shift of log(g) / std. The
+    blur undoes the log with expm1, which in ``field`` mode gives signal + pedestal - 1 rather than
+    the signal: a constant per channel, which a normalised blur carries through unchanged.
     """
     if rng.random() < cfg.aug_blur:
         sigma = rng.uniform(0.5, cfg.aug_blur_sigma)
