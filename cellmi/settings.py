@@ -21,6 +21,7 @@ from cellmi.errors import UserError
 ENV_PREFIX = "CELLMI_"
 NESTED = "__"
 CHANNEL_NAMES = ("DNA", "pH3", "actin")
+TEST_VIEWS = (1, 2, 4, 8)  # dihedral views a window vector may average over (infer.views)
 _URL = re.compile(r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]*|[A-Za-z]:[\\/].*)$")
 
 
@@ -248,7 +249,7 @@ class InferSettings(Section):
     @field_validator("views")
     @classmethod
     def _views(cls, value: int) -> int:
-        if value not in (1, 2, 4, 8):
+        if value not in TEST_VIEWS:
             raise ValueError(f"must be 1, 2, 4 or 8, got {value}")
         return value
 

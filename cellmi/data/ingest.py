@@ -16,7 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -202,7 +202,7 @@ class IntensityStats:
             raise UserError("no foreground pixels in the training samples: cannot compute intensity statistics")
         pedestal = store_pedestal([levels for levels, _ in kept]) if self.mode == "field" else None
         logs = np.concatenate(
-            [log_intensity(values, Levels(lv.background, lv.offset, pedestal)) for lv, values in kept], axis=1
+            [log_intensity(values, replace(lv, pedestal=pedestal)) for lv, values in kept], axis=1
         ).astype(np.float64)
         mean, std = logs.mean(axis=1), np.maximum(logs.std(axis=1), 1e-6)
         return {"mean": mean.tolist(), "std": std.tolist()}, [] if pedestal is None else pedestal.tolist()

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from cellmi.infer.windows import map_groups
+from cellmi.settings import TEST_VIEWS
 
 __all__ = ["VIEWS", "EncoderLike", "activation_bytes", "embed_naive", "embed_shared", "embed_views", "view_of"]
 
-# Test-time views: how many of the field's dihedral transforms each window's vector averages over.
-VIEWS = (1, 2, 4, 8)
+VIEWS = TEST_VIEWS  # how many of the field's dihedral transforms each window's vector may average over
 
 
 class EncoderLike(Protocol):

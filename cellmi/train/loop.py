@@ -64,8 +64,10 @@ class MetricsLog:
             write_bytes_atomic(self.url, data)
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _cores_per_process(dist: DistInfo) -> int:
+    """This machine's cores shared by the local processes, less one (at least one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, dist.local_world) - 1)
 
 
 @contextmanager
@@ -78,7 +80,7 @@ def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
     """
     before = torch.get_num_threads()
     if threads == 0:
-        threads = max(1, _cores() // max(1, dist.local_world) - 1)
+        threads = _cores_per_process(dist)
     torch.set_num_threads(threads)
     try:
         yield threads
@@ -92,7 +94,7 @@ def loader_threads(cfg: TrainSettings, dist: DistInfo) -> int:
         return cfg.loader_threads
     if dist.device.type != "cuda":
         return 1
-    return min(MAX_GPU_LOADERS, max(1, _cores() // max(1, dist.local_world) - 1))
+    return min(MAX_GPU_LOADERS, _cores_per_process(dist))
 
 
 @contextmanager
@@ -224,10 +226,11 @@ def _log(run: _Run, values: torch.Tensor) -> None:
     run.window_start, run.window_sum, run.window_steps = time.perf_counter(), None, 0
 
 
-def _step(run: _Run, batch: Batch, started: float) -> None:
-    """One step; ``started`` is when the loop began waiting for ``batch`` (the budget counts the wait)."""
+def _step(run: _Run, batches: Iterator[Batch]) -> None:
+    """One step on the next batch; the time budget counts the wait for it."""
     cfg, trainer = run.settings.train, run.trainer
-    values = train_step(trainer, batch, cfg, run.dist)
+    started = time.perf_counter()
+    values = train_step(trainer, next(batches), cfg, run.dist)
     trainer.step += 1
     trainer.train_seconds += time.perf_counter() - started
     run.window_sum = values if run.window_sum is None else run.window_sum + values
@@ -250,8 +253,7 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
             with sigterm_flag() as signalled:
                 batches = run.loader.batches(run.trainer.step)
                 while (reason := stop_reason(run.trainer, settings, signalled["set"], dist)) is None:
-                    started = time.perf_counter()
-                    _step(run, next(batches), started)
+                    _step(run, batches)
         finally:
             run.bar.close()
             run.loader.close()
