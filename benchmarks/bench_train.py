@@ -83,7 +83,7 @@ def machine_peak(cores: int) -> dict:
 def flops_per_crop(overrides: list[str]) -> tuple[float, dict]:
     """FLOPs of one training step (encoder + critics forward/backward, prior step) divided by its crops."""
     from cellmi.settings import Settings
-    from cellmi.train.data import Batch
+    from cellmi.train.data import Batch, content_size
     from cellmi.train.distributed import DistInfo
     from cellmi.train.state import build_trainer
     from cellmi.train.step import train_step
@@ -100,7 +100,8 @@ def flops_per_crop(overrides: list[str]) -> tuple[float, dict]:
     cfg, crop = settings.train, settings.model.crop
     trainer = build_trainer(settings, 3, torch.device("cpu"))
     b, n = cfg.batch_samples, cfg.fields_per_sample
-    batch = Batch(torch.randn(b, n, 3, crop, crop), torch.rand(b, n, crop, crop) > 0.5, torch.arange(b))
+    images, masks = torch.randn(b, n, 3, crop, crop), torch.rand(b, n, crop, crop) > 0.5
+    batch = Batch(images, masks, torch.arange(b), torch.randn(b, n, content_size(3)))
     dist = DistInfo(0, 1, 0, 1, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         train_step(trainer, batch, cfg, dist)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "ESTIMATORS",
+    "content_loss",
     "JSD_CHANCE",
     "dv_loss",
     "global_mi_loss",
@@ -130,6 +131,15 @@ def global_mi_loss(
     scores = pair_scores(summary_emb[:, :, None], global_emb)
     valid = torch.ones(scores.shape[1:], dtype=torch.bool, device=scores.device)
     return ESTIMATORS[estimator](scores, positive_pairs(global_ids, summary_ids), valid)
+
+
+def content_loss(predicted: Tensor, content: Tensor) -> Tensor:
+    """Huber loss of (M, K) predicted against (M, K) measured crop content (``crop_content``).
+
+    The targets are in standardised log-intensity units; Huber keeps the rare very bright crops
+    (mitoses in pH3) from dominating.
+    """
+    return F.smooth_l1_loss(predicted.float(), content.float())
 
 
 def prior_generator_loss(fake_logits: Tensor) -> Tensor:

@@ -177,7 +177,12 @@ class TrainSettings(Section):
     min_foreground: float = Field(0.15, ge=0, le=1, description="Least foreground fraction of a crop.")
     augment: bool = Field(True, description="Flips, 90-degree rotations and microscope nuisances.")
     aug_gain: float = Field(
-        0.2, ge=0, lt=1, description="Nuisance gain jitter: each crop channel scaled by up to 1 +- this."
+        0.0,
+        ge=0,
+        lt=1,
+        description="Nuisance gain jitter: each crop channel scaled by up to 1 +- this. Off by default: field "
+        "normalisation already takes the gain off, and a per-channel jitter teaches the encoder to ignore a "
+        "channel's level (the pH3 of a mitotic arrest).",
     )
     aug_blur: float = Field(0.25, ge=0, le=1, description="Share of crops blurred like a defocused field.")
     aug_blur_sigma: float = Field(2.0, gt=0, le=16, description="Largest Gaussian blur sigma in pixels.")
@@ -189,6 +194,13 @@ class TrainSettings(Section):
         ge=0,
         description="Weight of a second local term with crop-level pairs (a crop's own positions are its only "
         "positives): keeps per-crop detail that sample-level pairs average away.",
+    )
+    content: float = Field(
+        3.0,
+        ge=0,
+        description="Weight of the content term: a linear head on the global vector predicts its crop's foreground "
+        "mean, spread and bright tail per channel and its foreground share, so the vector keeps what varies within "
+        "samples (such as pH3-bright mitoses), which sample-level pairs teach it to ignore.",
     )
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")

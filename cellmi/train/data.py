@@ -22,19 +22,31 @@ from cellmi.errors import UserError
 from cellmi.settings import TrainSettings
 from cellmi.store import ImageStore
 
-__all__ = ["Batch", "CropLoader", "FieldCache", "batch_sample_ids", "crop_origin", "train_samples"]
+__all__ = [
+    "Batch",
+    "CropLoader",
+    "FieldCache",
+    "batch_sample_ids",
+    "content_size",
+    "crop_content",
+    "crop_origin",
+    "train_samples",
+]
 
 CROP_TRIES = 8
 PREFETCH = 2
+CONTENT_PERCENTILE = 95.0
 
 
 @dataclass
 class Batch:
-    """images (B, N, C, H, W) float32 normalised; masks (B, N, H, W) bool; samples (B,) int64 ids."""
+    """images (B, N, C, H, W) float32 normalised; masks (B, N, H, W) bool; samples (B,) int64 ids;
+    content (B, N, K) float32 statistics of each crop before nuisances (``crop_content``)."""
 
     images: torch.Tensor
     masks: torch.Tensor
     samples: torch.Tensor
+    content: torch.Tensor
 
 
 @dataclass
@@ -131,6 +143,19 @@ def crop_origin(
     return best
 
 
+def content_size(channels: int) -> int:
+    """Length of ``crop_content`` for this many channels."""
+    return 3 * channels + 1
+
+
+def crop_content(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(C, H, W) normalised crop, (H, W) mask -> (3C + 1,) float32: per channel the foreground mean,
+    standard deviation and 95th percentile, then the foreground share (all pixels when none)."""
+    values = pixels[:, mask] if mask.any() else pixels.reshape(len(pixels), -1)
+    stats = [values.mean(axis=1), values.std(axis=1), np.percentile(values, CONTENT_PERCENTILE, axis=1)]
+    return np.concatenate([*stats, [mask.mean()]]).astype(np.float32)
+
+
 def _geometric(
     pixels: np.ndarray, mask: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +214,7 @@ class CropLoader:
         ids = batch_sample_ids(len(self.samples), cfg.batch_samples, self.world, self.rank, step, cfg.seed)
         rng = np.random.default_rng([cfg.seed, step, self.rank, 1])
         aug_rng = np.random.default_rng([cfg.seed, step, self.rank, 3])  # apart, so augmenting moves no crop
-        images, masks = [], []
+        images, masks, content = [], [], []
         for sample_index in ids:
             sample = self.samples[sample_index]
             fields = self.store.meta.fields[sample]
@@ -197,9 +222,10 @@ class CropLoader:
                 len(fields), cfg.fields_per_sample, replace=len(fields) < cfg.fields_per_sample
             )
             for f in chosen:
-                pixels, mask = self._crop(self.cache.get(sample, fields[f]), rng, aug_rng)
+                pixels, mask, stats = self._crop(self.cache.get(sample, fields[f]), rng, aug_rng)
                 images.append(pixels)
                 masks.append(mask)
+                content.append(stats)
         b, n = len(ids), cfg.fields_per_sample
         image_t = torch.from_numpy(np.stack(images).astype(np.float32, copy=False))
         mask_t = torch.from_numpy(np.stack(masks))
@@ -207,18 +233,21 @@ class CropLoader:
             image_t.view(b, n, *image_t.shape[1:]),
             mask_t.view(b, n, *mask_t.shape[1:]),
             torch.from_numpy(ids),
+            torch.from_numpy(np.stack(content)).view(b, n, -1),
         )
 
     def _crop(
         self, field: CachedField, rng: np.random.Generator, aug_rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A crop, its mask and its content, measured before nuisances so the content is not theirs."""
         y, x = crop_origin(field, self.crop, self.cfg.min_foreground, rng)
         pixels = field.pixels[:, y : y + self.crop, x : x + self.crop]
         mask = field.mask[y : y + self.crop, x : x + self.crop]
+        content = crop_content(pixels, mask)
         if self.cfg.augment:
             pixels, mask = _geometric(pixels, mask, aug_rng)
             pixels = _nuisance(pixels, self.mean, self.std, self.cfg, aug_rng)
-        return np.ascontiguousarray(pixels), np.ascontiguousarray(mask)
+        return np.ascontiguousarray(pixels), np.ascontiguousarray(mask), content
 
     def batches(self, start: int) -> Iterator[Batch]:
         """Batches of steps start, start+1, ...; the next ones are read while the caller trains.

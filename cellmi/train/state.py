@@ -17,6 +17,7 @@ from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator
 from cellmi.settings import Settings, as_dict
 from cellmi.store import StoreMeta
 from cellmi.train.checkpoint import FORMAT, load_checkpoint
+from cellmi.train.data import content_size
 from cellmi.train.distributed import DistInfo
 
 __all__ = [
@@ -37,21 +38,27 @@ class DIMNet(nn.Module):
     """
 
     def __init__(
-        self, encoder: Encoder, local_critic: LocalCritic, global_critic: GlobalCritic | None
+        self, encoder: Encoder, local_critic: LocalCritic, global_critic: GlobalCritic | None, content: int
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.local_critic = local_critic
         self.global_critic = global_critic
+        self.content_head = nn.Linear(encoder.arch["global_dim"], content)
 
     def forward(self, x: Tensor, valid: Tensor, share: Tensor | None = None) -> dict[str, Tensor]:
         """x (M, C, H, W), valid (M, h, w) bool[, share (M, h, w) foreground share of each position]
-        -> global (M, G), local_emb (M, D, h, w), global_emb (M, D)
-        [, summary_emb (M, D), global_emb_g (M, D) when the global critic is on]."""
+        -> global (M, G), local_emb (M, D, h, w), global_emb (M, D), content (M, K) predicted from
+        the global vector [, summary_emb (M, D), global_emb_g (M, D) when the global critic is on]."""
         local = self.encoder.local_map(x)
         global_ = self.encoder.global_from_local(local, share)
         local_emb, global_emb = self.local_critic(local, global_)
-        out = {"global": global_, "local_emb": local_emb, "global_emb": global_emb}
+        out = {
+            "global": global_,
+            "local_emb": local_emb,
+            "global_emb": global_emb,
+            "content": self.content_head(global_),
+        }
         if self.global_critic is not None:
             out["summary_emb"], out["global_emb_g"] = self.global_critic(local, global_, valid)
         return out
@@ -103,7 +110,8 @@ def build_trainer(settings: Settings, in_channels: int, device: torch.device) ->
     torch.manual_seed(cfg.seed)
     encoder = Encoder(**model_arch(settings, in_channels))
     global_critic = GlobalCritic(m.local_dim, m.global_dim, m.critic_dim) if cfg.alpha > 0 else None
-    net = DIMNet(encoder, LocalCritic(m.local_dim, m.global_dim, m.critic_dim), global_critic).to(device)
+    local_critic = LocalCritic(m.local_dim, m.global_dim, m.critic_dim)
+    net = DIMNet(encoder, local_critic, global_critic, content_size(in_channels)).to(device)
     if device.type == "cuda" and cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     prior = PriorDiscriminator(m.global_dim).to(device)
@@ -147,7 +155,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def checkpoint_state(trainer: Trainer, settings: Settings, meta: StoreMeta, stop_reason: str | None) -> dict:
     """The checkpoint dict: explicit keys, tensors and plain containers only."""
-    critics = {"local": trainer.net.local_critic.state_dict()}
+    critics = {"local": trainer.net.local_critic.state_dict(), "content": trainer.net.content_head.state_dict()}
     if trainer.net.global_critic is not None:
         critics["global"] = trainer.net.global_critic.state_dict()
     return {
@@ -186,6 +194,8 @@ def restore(trainer: Trainer, url: str, channels: list[str], restore_rng: bool) 
         )
     trainer.encoder.load_state_dict(state["encoder"])
     trainer.net.local_critic.load_state_dict(critics["local"])
+    if "content" in critics:  # checkpoints from before the content term have none
+        trainer.net.content_head.load_state_dict(critics["content"])
     if trainer.net.global_critic is not None:
         trainer.net.global_critic.load_state_dict(critics["global"])
     trainer.prior.load_state_dict(state["prior"])

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from cellmi.losses import (
+    content_loss,
     global_mi_loss,
     local_mi_loss,
     prior_discriminator_loss,
@@ -24,7 +25,7 @@ from cellmi.train.state import Trainer
 __all__ = ["METRICS", "frozen", "train_step"]
 
 # Names of the values train_step returns, in order.
-METRICS = ("loss", "local", "global", "prior_gen", "prior_disc", "gamma", "grad_norm")
+METRICS = ("loss", "local", "global", "content", "prior_gen", "prior_disc", "gamma", "grad_norm")
 
 
 @contextlib.contextmanager
@@ -101,16 +102,18 @@ def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: Dist
     with _autocast(cfg, dist.device):
         out = trainer.train_net(x, valid, share)
     local, global_ = _mi_terms(out, ids, valid, cfg, cfg.gather_negatives and dist.distributed)
+    # always in the graph (weight 0 included), so DDP sees the head used on every step
+    content = content_loss(out["content"], batch.content.flatten(0, 1).to(dist.device))
     codes = torch.sigmoid(out["global"].float())
     with frozen(trainer.prior):
         generator = prior_generator_loss(trainer.prior(codes))
     gamma = prior_weight(cfg.gamma, trainer.step, cfg.prior_ramp_steps)
-    loss = cfg.beta * local + cfg.alpha * global_ + gamma * generator
+    loss = cfg.beta * local + cfg.alpha * global_ + cfg.content * content + gamma * generator
     trainer.optim.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(trainer.net.parameters(), cfg.grad_clip)
     trainer.optim.step()
-    return loss, local, global_, generator, torch.tensor(gamma), grad_norm, codes.detach()
+    return loss, local, global_, content, generator, torch.tensor(gamma), grad_norm, codes.detach()
 
 
 def _prior_step(trainer: Trainer, codes: Tensor, cfg: TrainSettings, dist: DistInfo) -> Tensor:
@@ -126,7 +129,7 @@ def _prior_step(trainer: Trainer, codes: Tensor, cfg: TrainSettings, dist: DistI
 
 def train_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> Tensor:
     """One step of encoder + critics, then one of the prior discriminator; returns the METRICS (detached)."""
-    loss, local, global_, generator, gamma, grad_norm, codes = _encoder_step(trainer, batch, cfg, dist)
+    loss, local, global_, content, generator, gamma, grad_norm, codes = _encoder_step(trainer, batch, cfg, dist)
     disc = _prior_step(trainer, codes, cfg, dist)
-    values = [loss, local, global_, generator, disc, gamma.to(codes.device), grad_norm]
+    values = [loss, local, global_, content, generator, disc, gamma.to(codes.device), grad_norm]
     return torch.stack([v.detach().float().reshape(()) for v in values])

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from cellmi.losses import local_mi_loss
+from cellmi.losses import content_loss, local_mi_loss
 from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, join, open_store
 from cellmi.train.data import CropLoader
@@ -33,16 +33,20 @@ def gradient_error(settings: Settings, dist) -> float:
     reference = copy.deepcopy(trainer.net)
     wrap_distributed(trainer, dist)
     loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
-    x, ids, valid, share = _inputs(trainer, loader.batch(0), settings.train, dist.device)
+    batch = loader.batch(0)
+    x, ids, valid, share = _inputs(trainer, batch, settings.train, dist.device)
+    content = batch.content.flatten(0, 1)
     loader.close()
-    local, _ = _mi_terms(trainer.train_net(x, valid, share), ids, valid, settings.train, gather=True)
-    local.backward()
+    out = trainer.train_net(x, valid, share)
+    local, _ = _mi_terms(out, ids, valid, settings.train, gather=True)
+    (local + settings.train.content * content_loss(out["content"], content)).backward()
     got = torch.cat([p.grad.flatten() for p in trainer.net.parameters()])
 
     world = dist.world
     xs, all_ids = all_gather_tensor(x).chunk(world), all_gather_tensor(ids)
     all_valid = all_gather_tensor(valid.to(torch.uint8)).bool()
     shares = all_gather_tensor(share).chunk(world)
+    contents = all_gather_tensor(content).chunk(world)
     outs = [  # batch-norm statistics per rank, as DDP has them
         reference(chunk, v, s) for chunk, v, s in zip(xs, all_valid.chunk(world), shares, strict=True)
     ]
@@ -52,7 +56,8 @@ def gradient_error(settings: Settings, dist) -> float:
     losses = [
         local_mi_loss(local_emb, o["global_emb"], all_ids, i, all_valid, cfg.estimator)
         + cfg.crop_pairs * local_mi_loss(local_emb, o["global_emb"], crops, c, all_valid, cfg.estimator)
-        for o, i, c in zip(outs, all_ids.chunk(world), crops.chunk(world), strict=True)
+        + cfg.content * content_loss(o["content"], t)
+        for o, i, c, t in zip(outs, all_ids.chunk(world), crops.chunk(world), contents, strict=True)
     ]
     (sum(losses) / world).backward()
     want = torch.cat([p.grad.flatten() for p in reference.parameters()])

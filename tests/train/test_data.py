@@ -8,7 +8,7 @@ import torch
 
 from cellmi.errors import UserError
 from cellmi.store import STORE_NAME, join, open_store
-from cellmi.train.data import CropLoader, FieldCache, batch_sample_ids
+from cellmi.train.data import CropLoader, FieldCache, batch_sample_ids, content_size, crop_content
 
 from .conftest import make_store, tiny_settings
 
@@ -26,6 +26,7 @@ def test_batches_have_the_documented_shape_and_are_a_function_of_the_step(store_
         assert batch.images.shape == (4, 2, 3, 48, 48) and batch.images.dtype.is_floating_point
         assert batch.masks.shape == (4, 2, 48, 48) and batch.masks.dtype == torch.bool
         assert sorted(batch.samples.tolist()) == [0, 1, 2, 3]
+        assert batch.content.shape == (4, 2, content_size(3)) and batch.content.dtype == torch.float32
         again = b.batch(3)
         assert (batch.images == again.images).all() and (batch.masks == again.masks).all()
         assert not (a.batch(4).images == batch.images).all()
@@ -94,6 +95,35 @@ def test_nuisance_augmentation_changes_intensity_but_not_the_mask(store_dir):
         a, b = plain.batch(0), jitter.batch(0)
         assert not np.allclose(a.images.numpy(), b.images.numpy())
         assert a.masks.float().mean() == pytest.approx(b.masks.float().mean().item())  # flips/rotations only
+    finally:
+        plain.close()
+        jitter.close()
+
+
+def test_crop_content_by_hand():
+    pixels = np.zeros((2, 4, 4), np.float32)
+    pixels[0, :2, :2] = [[1, 2], [3, 4]]  # the foreground of channel 0; channel 1 stays 0
+    pixels[0, 3, 3] = 100.0  # background: left out
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    got = crop_content(pixels, mask)
+    want = [2.5, 0, np.std([1, 2, 3, 4]), 0, np.percentile([1, 2, 3, 4], 95), 0, 4 / 16]
+    assert got.shape == (content_size(2),) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # no foreground at all: every pixel counts, the share is 0
+    np.testing.assert_allclose(crop_content(pixels, np.zeros((4, 4), bool))[[0, 6]], [110 / 16, 0], rtol=1e-6)
+
+
+def test_crop_content_is_measured_before_nuisances(store_dir):
+    plain = loader_for(store_dir, augment=False)
+    jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
+    try:
+        a, b = plain.batch(2), jitter.batch(2)
+        assert not np.allclose(a.images.numpy(), b.images.numpy())
+        torch.testing.assert_close(a.content, b.content, rtol=0, atol=0)  # same crops, content of the clean pixels
+        for crop, mask, content in zip(a.images.flatten(0, 1), a.masks.flatten(0, 1), a.content.flatten(0, 1),
+                                       strict=True):
+            np.testing.assert_allclose(content.numpy(), crop_content(crop.numpy(), mask.numpy()), rtol=1e-6)
     finally:
         plain.close()
         jitter.close()

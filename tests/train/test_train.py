@@ -152,7 +152,7 @@ def test_every_estimator_with_the_global_term_trains(workdir, estimator):
     assert len(records) == 4 and all(r["global"] != 0 for r in records)
     assert all(abs(r[k]) < 1e6 for r in records for k in ("loss", "local", "global", "prior_disc"))
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
-    assert set(state["critics"]) == {"local", "global"}
+    assert set(state["critics"]) == {"local", "global", "content"}
 
 
 def test_crop_pairs_add_a_second_local_term(tmp_path, store_dir):
@@ -164,3 +164,23 @@ def test_crop_pairs_add_a_second_local_term(tmp_path, store_dir):
         assert main(tiny_settings(workdir, steps=1, crop_pairs=weight, checkpoint_every=1000)) == 0
         first[weight] = metrics(workdir)[0]["local"]
     assert first[0.0] + 0.1 < first[0.5] < 2 * first[0.0], first
+
+
+def test_content_term_is_weighted_into_the_loss_and_learns(tmp_path, store_dir):
+    """Weight 0 leaves the loss as it was; a positive weight adds w times the content loss, which then
+    falls below what the untrained head scores on the same batches."""
+    runs = {}
+    for weight in (0.0, 2.0):
+        workdir = str(tmp_path / f"w{weight}")
+        shutil.copytree(store_dir, workdir)
+        assert main(tiny_settings(workdir, steps=40, content=weight, lr=5e-3, checkpoint_every=1000)) == 0
+        runs[weight] = metrics(workdir)
+    first = {w: r[0] for w, r in runs.items()}
+    for record in first.values():
+        terms = record["local"] + record["gamma"] * record["prior_gen"]
+        assert record["content"] > 0
+        assert record["loss"] == pytest.approx(terms + (2.0 if record is first[2.0] else 0.0) * record["content"],
+                                               rel=1e-4)
+    assert first[0.0]["content"] == pytest.approx(first[2.0]["content"])  # same seed, same head, same batch
+    late = {w: sum(r["content"] for r in records[-10:]) / 10 for w, records in runs.items()}
+    assert late[2.0] < 0.8 * late[0.0], late
