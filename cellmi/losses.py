@@ -19,8 +19,8 @@ from torch import Tensor
 
 __all__ = [
     "ESTIMATORS",
-    "content_loss",
     "JSD_CHANCE",
+    "content_loss",
     "dv_loss",
     "global_mi_loss",
     "infonce_loss",
