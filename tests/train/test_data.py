@@ -88,13 +88,17 @@ def _contains(field: np.ndarray, crop: np.ndarray) -> bool:
     )
 
 
-def test_nuisance_augmentation_changes_intensity_but_not_the_mask(store_dir):
+def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content(store_dir):
     plain = loader_for(store_dir, augment=False)
     jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
     try:
         a, b = plain.batch(0), jitter.batch(0)
         assert not np.allclose(a.images.numpy(), b.images.numpy())
         assert a.masks.float().mean() == pytest.approx(b.masks.float().mean().item())  # flips/rotations only
+        torch.testing.assert_close(a.content, b.content, rtol=0, atol=0)  # same crops, content of the clean pixels
+        for crop, mask, content in zip(a.images.flatten(0, 1), a.masks.flatten(0, 1), a.content.flatten(0, 1),
+                                       strict=True):
+            np.testing.assert_allclose(content.numpy(), crop_content(crop.numpy(), mask.numpy()), rtol=1e-6)
     finally:
         plain.close()
         jitter.close()
@@ -112,21 +116,6 @@ def test_crop_content_by_hand():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # no foreground at all: every pixel counts, the share is 0
     np.testing.assert_allclose(crop_content(pixels, np.zeros((4, 4), bool))[[0, 6]], [110 / 16, 0], rtol=1e-6)
-
-
-def test_crop_content_is_measured_before_nuisances(store_dir):
-    plain = loader_for(store_dir, augment=False)
-    jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
-    try:
-        a, b = plain.batch(2), jitter.batch(2)
-        assert not np.allclose(a.images.numpy(), b.images.numpy())
-        torch.testing.assert_close(a.content, b.content, rtol=0, atol=0)  # same crops, content of the clean pixels
-        for crop, mask, content in zip(a.images.flatten(0, 1), a.masks.flatten(0, 1), a.content.flatten(0, 1),
-                                       strict=True):
-            np.testing.assert_allclose(content.numpy(), crop_content(crop.numpy(), mask.numpy()), rtol=1e-6)
-    finally:
-        plain.close()
-        jitter.close()
 
 
 def test_field_cache_is_bounded(store_dir):
