@@ -63,12 +63,16 @@ def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
     return np.asarray(values, np.float32).reshape((-1,) + (1,) * (ndim - 1))
 
 
+def _signal(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(C, ...) raw counts -> (C, ...) float32 counts above each channel's background (none below 0)."""
+    return np.maximum(pixels.astype(np.float32) - _per_channel(background, pixels.ndim), 0.0)
+
+
 def log_intensity(pixels: np.ndarray, levels: Levels) -> np.ndarray:
     """(C, ...) raw counts -> (C, ...) float32 log intensities (see the module docstring)."""
     if levels.pedestal is None:
         return np.log1p(pixels.astype(np.float32))
-    signal = np.maximum(pixels.astype(np.float32) - _per_channel(levels.background, pixels.ndim), 0.0)
-    signal *= np.float32(np.exp(-levels.offset))
+    signal = _signal(pixels, levels.background) * np.float32(np.exp(-levels.offset))
     return np.log(signal + _per_channel(levels.pedestal, pixels.ndim))
 
 
@@ -86,8 +90,7 @@ def field_levels(
     background = background_levels(pixels, mask)
     offset = 0.0
     if mask.any():
-        signal = np.maximum(pixels[:, mask].astype(np.float32) - background[:, None], 0.0)
-        offset = float(np.median(np.log1p(signal).mean(axis=0)))
+        offset = float(np.median(np.log1p(_signal(pixels[:, mask], background)).mean(axis=0)))
     return Levels(background, offset, None if pedestal is None else np.asarray(pedestal, np.float32))
 
 
