@@ -69,7 +69,7 @@ def run_size(n: int, cfg: ClusterSettings, client) -> dict:
     with timer(times, "vote_profiles_s"):
         votes = vote(table, labels)
         _, profiles = field_profiles(table, x, cfg.aggregate)
-        fit_profiles(profiles, SAMPLES, cfg.profile_dims, cfg.seed)
+        fit_profiles(profiles, SAMPLES, cfg.profile_dims, cfg.seed, cfg.profile_method, cfg.profile_scale)
     times["total_s"] = round(sum(times.values()), 2)
     return {
         "windows": n,

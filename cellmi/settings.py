@@ -285,15 +285,32 @@ class ClusterSettings(Section):
         description="Window-to-field aggregation: mean weighted by each window's foreground fraction, mean, or median.",
     )
     profile_dims: int = Field(16, ge=2, description="PCA dimensions of field profiles before clustering.")
-    profile_method: Literal["ward", "gmm"] = Field(
-        "ward", description="Clustering of field profiles: Ward linkage or a diagonal Gaussian mixture."
+    profile_scale: Literal["rank", "standard"] = Field(
+        "rank",
+        description="Standardisation of field profiles across fields: normal scores of ranks, or z-scores.",
+    )
+    profile_method: Literal["spectral", "ward", "gmm"] = Field(
+        "spectral",
+        description="Clustering of field profiles: spectral clustering of their nearest-neighbour graph, "
+        "Ward linkage, or a diagonal Gaussian mixture.",
+    )
+    profile_neighbors: int | None = Field(
+        None,
+        ge=2,
+        description="Nearest fields (itself included) each field is linked to in the spectral graph; "
+        "default: the median number of fields per sample.",
     )
     focus_qc: float = Field(
         0.67,
         ge=0,
         lt=1,
-        description="Fields whose focus score is below this fraction of the split's median are flagged blurred, "
-        "left out when the field clusters are fitted, then assigned to the nearest; 0 turns the check off.",
+        description="Fields whose focus score is below this fraction of the split's median are flagged blurred "
+        "(the blurred column of the image table); 0 turns the check off.",
+    )
+    fit_blurred: bool = Field(
+        True,
+        description="Blurred fields take part in fitting the field clusters (the spectral graph still links "
+        "them to their own sample's fields); false leaves them out and assigns them to the nearest cluster.",
     )
     figure_points: int = Field(
         3000, ge=100, description="Windows per panel of the 2-D UMAP figure (a seeded subsample above it)."

@@ -1,12 +1,13 @@
-"""Image QC: a per-field focus score, so defocused fields do not shape the field clusters.
+"""Image QC: a per-field focus score, so defocused fields are flagged in the image table.
 
 Defocus removes fine detail before coarse detail, so the ratio of Laplacian-of-Gaussian energy at
 a fine scale to that at a coarse scale drops on a blurred field. On the store's log intensities a
 per-field gain is an additive constant, which the Laplacian removes: the score does not depend on
 gain or offset. It is measured on the first channel (the nuclear stain in BBBC018: small, sharp
 objects) over foreground pixels. A field scoring below a fraction of the median field of its split
-is flagged as blurred, like CellProfiler's image-quality flags; flagged fields are left out when
-the field clusters are fitted and are then assigned to the nearest cluster.
+is flagged as blurred, like CellProfiler's image-quality flags. With Ward linkage flagged fields
+are best left out when the field clusters are fitted (``cluster.fit_blurred``); the spectral
+graph links them to their own sample's fields anyway.
 """
 
 from __future__ import annotations

@@ -241,10 +241,11 @@ def cluster_windows(
     return reducer, gmm, z, bic
 
 
-def fit_sharp_profiles(
+def fit_field_clusters(
     fields: pd.DataFrame, profiles: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus
 ) -> tuple[ProfileModel, np.ndarray]:
-    """Field clusters fitted on the fields in focus, every field then assigned to the nearest.
+    """Field clusters fitted on every field, or on the fields in focus alone (then the blurred ones
+    are assigned to the nearest); returns the model and each field's label.
 
     Adds ``focus`` and ``blurred`` columns to ``fields``.
     """
@@ -252,8 +253,17 @@ def fit_sharp_profiles(
     fields["focus"] = np.array([focus.get(key, np.nan) for key in keys], np.float32)
     sharp = sharp_fields(fields["focus"].to_numpy(), cfg.focus_qc, least=k)
     fields["blurred"] = ~sharp
-    model, _ = fit_profiles(profiles[sharp], k, cfg.profile_dims, cfg.seed, cfg.profile_method)
+    fit = np.ones(len(fields), bool) if cfg.fit_blurred else sharp
+    neighbors = cfg.profile_neighbors or fields_per_sample(fields[fit])
+    model, _ = fit_profiles(
+        profiles[fit], k, cfg.profile_dims, cfg.seed, cfg.profile_method, cfg.profile_scale, neighbors
+    )
     return model, assign_profiles(model, profiles)
+
+
+def fields_per_sample(fields: pd.DataFrame) -> int:
+    """The median number of fields a sample has: the natural neighbourhood of a field in the graph."""
+    return max(2, round(float(fields.groupby("sample", observed=True).size().median())))
 
 
 def cluster_fields(
@@ -263,7 +273,7 @@ def cluster_fields(
     fields, profiles = field_profiles(table, x, cfg.aggregate)
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
-    model, plabels = fit_sharp_profiles(fields, profiles, cfg, k, focus)
+    model, plabels = fit_field_clusters(fields, profiles, cfg, k, focus)
     mapping = align_labels(fields["cluster_vote"].to_numpy(), plabels)
     model, plabels = relabel(model, plabels, mapping)
     fields["cluster_profile"] = plabels
@@ -342,7 +352,7 @@ def profile_split(
         return None
     fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate)
     k = int(fields["sample"].nunique())
-    model, labels = fit_sharp_profiles(fields, profiles, cfg, k, focus)
+    model, labels = fit_field_clusters(fields, profiles, cfg, k, focus)
     fields["cluster_profile"] = labels
     out = empty_scores()
     out.update(n_images=len(fields), n_samples=k, n_clusters=int(labels.max()) + 1)

@@ -1,23 +1,26 @@
 """Image-level profiles: window vectors aggregated per field, standardised, PCA, clustered.
 
 This is how image-based profiling summarises a well or field: one vector per field (the mean or
-median of its windows), features standardised across fields, a few principal components, then
-Ward (default) or a mixture. New fields are assigned to the nearest cluster centroid; fields that
-were part of the fit keep their fitted label (looked up by value), so re-applying a saved model
-to the same data gives the same labels.
+median of its windows), features standardised across fields (z-scores, or normal scores of their
+ranks, which an outlying field cannot stretch), a few principal components, then spectral
+clustering of the fields' nearest-neighbour graph (default), Ward linkage or a mixture. New fields
+are assigned to the nearest cluster centroid; fields that were part of the fit keep their fitted
+label (looked up by value), so re-applying a saved model to the same data gives the same labels.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import AgglomerativeClustering
+from scipy.stats import norm
+from sklearn.cluster import AgglomerativeClustering, SpectralClustering
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 
 def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
@@ -51,11 +54,36 @@ def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tup
     return fields, profiles
 
 
+class RankScaler:
+    """Each feature replaced by the normal score of its rank among the fitted fields.
+
+    A fitted field of rank r (from 0) among m maps to the standard normal quantile at
+    (r + 0.5) / m; new values are interpolated between the fitted ones and clipped to their range.
+    """
+
+    def fit(self, x: np.ndarray) -> RankScaler:
+        self.m = len(x)
+        self.quantiles = QuantileTransformer(n_quantiles=self.m, output_distribution="uniform").fit(x)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        uniform = self.quantiles.transform(np.asarray(x, np.float64))
+        return norm.ppf((uniform * (self.m - 1) + 0.5) / self.m)
+
+
+def make_scaler(scale: str) -> StandardScaler | RankScaler:
+    if scale == "rank":
+        return RankScaler()
+    if scale == "standard":
+        return StandardScaler()
+    raise ValueError(f"unknown profile scaling {scale!r} (expected 'standard' or 'rank')")
+
+
 @dataclass
 class ProfileModel:
     """Standardiser + PCA of field profiles and the cluster centroids in PCA space."""
 
-    scaler: StandardScaler
+    scaler: StandardScaler | RankScaler
     pca: PCA | None
     centroids: np.ndarray  # (k, P)
     fit_rows: np.ndarray  # (n_fit, P) float32 reduced profiles of the fitted fields
@@ -72,29 +100,60 @@ class ProfileModel:
 
 
 def fit_profiles(
-    profiles: np.ndarray, k: int, dims: int, seed: int, method: str = "ward"
+    profiles: np.ndarray,
+    k: int,
+    dims: int,
+    seed: int,
+    method: str = "ward",
+    scale: str = "standard",
+    neighbors: int = 4,
 ) -> tuple[ProfileModel, np.ndarray]:
-    """Cluster (M, F) field profiles into ``min(k, M)`` groups; returns the model and (M,) labels.
+    """Cluster (M, F) field profiles into at most ``min(k, M)`` groups; returns the model and (M,) labels.
 
-    PCA keeps ``min(dims, M - 1, F)`` components (none when that is below 2).
+    ``scale`` is ``standard`` (z-scores) or ``rank`` (normal scores of ranks); PCA keeps
+    ``min(dims, M - 1, F)`` components (none when that is below 2). ``method`` is ``ward``,
+    ``gmm`` or ``spectral``; ``neighbors`` is the spectral graph's neighbourhood, each field
+    included in its own.
     """
     profiles = np.asarray(profiles, np.float32)
     m = len(profiles)
-    scaler = StandardScaler().fit(profiles)
+    scaler = make_scaler(scale).fit(profiles)
     scaled = scaler.transform(profiles)
     n_comp = min(dims, m - 1, profiles.shape[1])
     pca = PCA(n_components=n_comp, random_state=seed).fit(scaled) if n_comp >= 2 else None
     rows = (pca.transform(scaled) if pca is not None else scaled).astype(np.float32)
-    k = max(1, min(k, m))
-    if k == 1 or m < 2:
-        labels = np.zeros(m, np.int64)
-    elif method == "gmm":
-        labels = GaussianMixture(k, covariance_type="diag", n_init=5, random_state=seed).fit_predict(rows)
-    else:
-        labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(rows)
-    labels = np.asarray(labels, np.int64)
+    labels = _cluster_rows(rows, max(1, min(k, m)), seed, method, neighbors)
     centroids = np.stack([rows[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
     return ProfileModel(scaler, pca, centroids, rows, labels), labels
+
+
+def _cluster_rows(rows: np.ndarray, k: int, seed: int, method: str, neighbors: int) -> np.ndarray:
+    """(M, P) -> (M,) labels 0..n-1 with n <= k, every label used."""
+    if k == 1 or len(rows) < 2:
+        return np.zeros(len(rows), np.int64)
+    if method == "gmm":
+        labels = GaussianMixture(k, covariance_type="diag", n_init=5, random_state=seed).fit_predict(rows)
+    elif method == "spectral" and k < len(rows):
+        labels = _spectral(rows, k, seed, neighbors)
+    elif method in ("ward", "spectral"):
+        labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(rows)
+    else:
+        raise ValueError(f"unknown profile clustering {method!r} (expected 'ward', 'gmm' or 'spectral')")
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def _spectral(rows: np.ndarray, k: int, seed: int, neighbors: int) -> np.ndarray:
+    model = SpectralClustering(
+        k,
+        affinity="nearest_neighbors",
+        n_neighbors=max(2, min(neighbors, len(rows))),
+        assign_labels="cluster_qr",
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        # A graph that falls apart into groups of fields is the clear case, not a failure.
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        return model.fit_predict(rows)
 
 
 def assign_profiles(model: ProfileModel, profiles: np.ndarray) -> np.ndarray:

@@ -5,10 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import norm
 
+from cellmi.analyze.job import fields_per_sample, fit_field_clusters
 from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
-from cellmi.analyze.profiles import align_labels, assign_profiles, field_profiles, fit_profiles, relabel
+from cellmi.analyze.profiles import (
+    RankScaler,
+    align_labels,
+    assign_profiles,
+    field_profiles,
+    fit_profiles,
+    relabel,
+)
 from cellmi.errors import UserError
+from cellmi.settings import ClusterSettings
 
 
 def blobs(k: int, n: int = 150, dim: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,3 +93,55 @@ def test_profile_clusters_align_and_reassign():
 def test_align_labels_gives_unmatched_labels_fresh_ids():
     mapping = align_labels(np.array([0, 0, 1, 1]), np.array([7, 7, 8, 9]))
     assert mapping[7] == 0 and mapping[8] == 1 and mapping[9] == 2
+
+
+def test_rank_scaler_gives_normal_scores_of_ranks_and_clips_new_values():
+    x = np.array([[3.0, 0.5], [1.0, 0.1], [2.0, 0.3], [10.0, 0.2]])
+    scaler = RankScaler().fit(x)
+    ranks = np.array([[2, 3], [0, 0], [1, 2], [3, 1]])
+    np.testing.assert_allclose(scaler.transform(x), norm.ppf((ranks + 0.5) / 4), atol=1e-9)
+    outlier = x.copy()
+    outlier[3, 0] = 1e6  # ranks, not distances: an outlying field moves no other field
+    np.testing.assert_allclose(RankScaler().fit(outlier).transform(outlier), scaler.transform(x), atol=1e-9)
+    new = scaler.transform(np.array([[-50.0, 9.0], [2.5, 0.25]]))
+    np.testing.assert_allclose(new[0], norm.ppf([0.5 / 4, 3.5 / 4]), atol=1e-9)  # clipped to the fitted range
+    assert norm.ppf(1.5 / 4) < new[1, 0] < norm.ppf(2.5 / 4)  # between its neighbours' scores
+
+
+def _outlying_field_set() -> tuple[np.ndarray, np.ndarray]:
+    """5 samples x 4 fields: samples 0 and 1 close together, sample 2 with one field far off."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(5, 12)) * 20
+    centres[1] = centres[0] + 3.0 / np.sqrt(12)  # 3 apart
+    truth = np.repeat(np.arange(5), 4)
+    x = centres[truth] + rng.normal(size=(20, 12)) * 0.15
+    x[8] += 6.0 / np.sqrt(12)  # 6 from its sample's other fields, still nearer them than anything else
+    return x, truth
+
+
+def test_spectral_keeps_an_outlying_field_with_its_sample_where_ward_splits_it():
+    x, truth = _outlying_field_set()
+    _, ward = fit_profiles(x, 5, dims=8, seed=0, method="ward", scale="standard")
+    assert pd.crosstab(ward, truth).to_numpy().max(axis=0).sum() < len(x)  # Ward merges 0+1, splits 2
+    for scale in ("standard", "rank"):
+        model, spectral = fit_profiles(x, 5, dims=8, seed=0, method="spectral", scale=scale, neighbors=4)
+        assert pd.crosstab(spectral, truth).to_numpy().max(axis=0).sum() == len(x), scale
+        np.testing.assert_array_equal(assign_profiles(model, x), spectral)
+    with pytest.raises(ValueError, match="unknown profile clustering 'tree'"):
+        fit_profiles(x, 5, dims=8, seed=0, method="tree")
+
+
+def test_fields_per_sample_and_which_fields_fit_the_clusters():
+    x, truth = _outlying_field_set()
+    fields = pd.DataFrame({"sample": [f"s{t}" for t in truth], "field": [str(i % 4) for i in range(20)]})
+    assert fields_per_sample(fields) == 4
+    assert fields_per_sample(fields.iloc[::4]) == 2  # one field a sample: never below 2
+    focus = {(s, f): 1.0 for s, f in zip(fields["sample"], fields["field"], strict=True)}
+    focus[("s2", "0")] = 0.1  # the outlying field is also the blurred one
+    for fit_blurred, fitted in ((True, 20), (False, 19)):
+        cfg = ClusterSettings(fit_blurred=fit_blurred, profile_dims=8)
+        model, labels = fit_field_clusters(fields.copy(), x, cfg, 5, focus)
+        assert len(model.fit_rows) == fitted and len(labels) == 20
+    out = fields.copy()
+    fit_field_clusters(out, x, ClusterSettings(), 5, focus)
+    assert out["blurred"].tolist() == [i == 8 for i in range(20)]
