@@ -297,8 +297,8 @@ class ClusterSettings(Section):
     profile_neighbors: int | None = Field(
         None,
         ge=2,
-        description="Nearest fields (itself included) each field is linked to in the spectral graph; "
-        "default: the median number of fields per sample.",
+        description="Nearest fields (itself included) each field is linked to in the spectral graph; the "
+        "consensus of this size and one either side is taken. Default: the median number of fields per sample.",
     )
     focus_qc: float = Field(
         0.67,

@@ -113,7 +113,7 @@ def fit_profiles(
     ``scale`` is ``standard`` (z-scores) or ``rank`` (normal scores of ranks); PCA keeps
     ``min(dims, M - 1, F)`` components (none when that is below 2). ``method`` is ``ward``,
     ``gmm`` or ``spectral``; ``neighbors`` is the spectral graph's neighbourhood, each field
-    included in its own.
+    included in its own (the consensus of the sizes around it is taken).
     """
     profiles = np.asarray(profiles, np.float32)
     m = len(profiles)
@@ -143,6 +143,16 @@ def _cluster_rows(rows: np.ndarray, k: int, seed: int, method: str, neighbors: i
 
 
 def _spectral(rows: np.ndarray, k: int, seed: int, neighbors: int) -> np.ndarray:
+    """Consensus of spectral clusterings at ``neighbors`` - 1, ``neighbors`` and ``neighbors`` + 1.
+
+    The neighbourhood is the one sensitive number of the graph; one training run can leave two
+    samples linked at one size and apart at the next, so no single size is trusted alone.
+    """
+    sizes = sorted({max(2, neighbors - 1), max(2, neighbors), neighbors + 1})
+    return consensus([_spectral_once(rows, k, seed, size) for size in sizes], k)
+
+
+def _spectral_once(rows: np.ndarray, k: int, seed: int, neighbors: int) -> np.ndarray:
     model = SpectralClustering(
         k,
         affinity="nearest_neighbors",
@@ -154,6 +164,14 @@ def _spectral(rows: np.ndarray, k: int, seed: int, neighbors: int) -> np.ndarray
         # A graph that falls apart into groups of fields is the clear case, not a failure.
         warnings.filterwarnings("ignore", message="Graph is not fully connected")
         return model.fit_predict(rows)
+
+
+def consensus(labelings: list[np.ndarray], k: int) -> np.ndarray:
+    """``k`` groups of the items that the labelings most often put together (average linkage on
+    the share of labelings that separate two items)."""
+    labelings = [np.asarray(labels) for labels in labelings]
+    together = np.mean([labels[:, None] == labels[None, :] for labels in labelings], axis=0)
+    return AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average").fit_predict(1.0 - together)
 
 
 def assign_profiles(model: ProfileModel, profiles: np.ndarray) -> np.ndarray:

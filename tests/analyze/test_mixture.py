@@ -13,6 +13,7 @@ from cellmi.analyze.profiles import (
     RankScaler,
     align_labels,
     assign_profiles,
+    consensus,
     field_profiles,
     fit_profiles,
     relabel,
@@ -129,6 +130,13 @@ def test_spectral_keeps_an_outlying_field_with_its_sample_where_ward_splits_it()
         np.testing.assert_array_equal(assign_profiles(model, x), spectral)
     with pytest.raises(ValueError, match="unknown profile clustering 'tree'"):
         fit_profiles(x, 5, dims=8, seed=0, method="tree")
+
+
+def test_consensus_keeps_what_most_labelings_agree_on():
+    majority = np.array([0, 0, 1, 1, 2, 2])
+    runs = [majority, np.array([5, 5, 3, 3, 4, 4]), np.array([0, 1, 1, 1, 2, 2])]  # ids need not agree
+    found = consensus(runs, 3)
+    assert pd.crosstab(found, majority).to_numpy().max(axis=0).sum() == 6
 
 
 def test_fields_per_sample_and_which_fields_fit_the_clusters():
