@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmi.analyze.job import fit_field_clusters
 from cellmi.analyze.metrics import cluster_scores
 from cellmi.analyze.mixture import assign, fit_mixture, vote
-from cellmi.analyze.profiles import field_profiles, fit_profiles
+from cellmi.analyze.profiles import field_profiles
 from cellmi.analyze.reduce import embed, fit_reducer
 from cellmi.settings import ClusterSettings
 
@@ -35,14 +36,19 @@ SAMPLES, FIELDS, DIM = 14, 4, 64
 
 
 def windows(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
-    """(n,) window table with sample/field/split and (n, 64) float32 vectors, one blob per sample."""
+    """(n,) window table with sample/field/split/fg_fraction and (n, 64) float32 vectors, one blob per sample."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(SAMPLES, DIM)) * 1.5
     image = rng.integers(0, SAMPLES * FIELDS, size=n)
     sample = image // FIELDS
     x = centres[sample] + rng.normal(size=(n, DIM))
     table = pd.DataFrame(
-        {"sample": [f"S{s:02d}" for s in sample], "field": (image % FIELDS + 1).astype(str), "split": "test"}
+        {
+            "sample": [f"S{s:02d}" for s in sample],
+            "field": (image % FIELDS + 1).astype(str),
+            "split": "test",
+            "fg_fraction": rng.uniform(0.1, 1.0, size=n),  # the default profile weights windows by it
+        }
     )
     return table, x.astype(np.float32)
 
@@ -68,8 +74,8 @@ def run_size(n: int, cfg: ClusterSettings, client) -> dict:
         labels, _ = assign(gmm, z)
     with timer(times, "vote_profiles_s"):
         votes = vote(table, labels)
-        _, profiles = field_profiles(table, x, cfg.aggregate)
-        fit_profiles(profiles, SAMPLES, cfg.profile_dims, cfg.seed, cfg.profile_method, cfg.profile_scale)
+        fields, profiles = field_profiles(table, x, cfg.aggregate)
+        fit_field_clusters(fields, profiles, cfg, SAMPLES, focus={})  # what `cellmi cluster` runs
     times["total_s"] = round(sum(times.values()), 2)
     return {
         "windows": n,
