@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py                 # splits 0 1 2, default settings
     python benchmarks/bench_quality.py --splits 0 --set train.time_budget_s=120 --tag short
     python benchmarks/bench_quality.py --rescore       # same runs, metrics after `cellmi cluster` was re-run
+    python benchmarks/bench_quality.py --draw 1 --tag seed1   # new images: every seed set to 1
 
 Each split holds out a different 4 of the 14 synthetic samples (CELLMI_INGEST__SPLIT_SEED).
 Writes benchmarks/out/quality[-tag].json and prints a Markdown table: stage times, and ARI for DIM
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out"
+SEEDS = ("synth.seed", "train.seed", "cluster.seed", "infer.baseline_seed")
 BAR = {"test image_ari": 1.0, "test window_ari": 0.5, "all image_ari": 0.9}
 
 
@@ -67,10 +69,14 @@ def main() -> None:
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], help="section.field=value override")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--draw", type=int, help="seed of a fresh synthetic draw, also used for training, "
+                        "clustering and the random baseline (default: the embedded data, seed 0)")
     parser.add_argument("--rescore", action="store_true",
                         help="keep the timed runs, re-read metrics.json of each split (after `cellmi cluster` again)")
     args = parser.parse_args()
     tag = f"-{args.tag}" if args.tag else ""
+    if args.draw is not None:
+        args.set = [f"{key}={args.draw}" for key in SEEDS] + args.set
     if args.rescore:
         results = json.loads((OUT / f"quality{tag}.json").read_text())["results"]
         for res in results:
