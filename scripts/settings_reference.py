@@ -1,4 +1,4 @@
-"""Print (or, with --write, refresh in README.md) the settings reference table.
+"""Print (or, with --write, refresh in docs/settings.md) the settings reference table.
 
     python scripts/settings_reference.py --write
 """
@@ -13,7 +13,7 @@ from pydantic.fields import FieldInfo
 from cellmi.settings import ENV_PREFIX, NESTED, SECTIONS, Settings
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
 
 def _default(info: FieldInfo) -> str:
@@ -44,6 +44,6 @@ def refreshed(text: str) -> str:
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        README.write_text(refreshed(README.read_text()))
+        DOC.write_text(refreshed(DOC.read_text()))
     else:
         print(table())

@@ -101,11 +101,11 @@ def test_help_lists_flags_and_jobs():
     assert cellmi("nonsense").returncode == 2
 
 
-def test_readme_settings_table_is_current():
+def test_settings_reference_is_current():
     import runpy
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     ns = runpy.run_path(str(root / "scripts" / "settings_reference.py"))
-    text = (root / "README.md").read_text()
+    text = (root / "docs" / "settings.md").read_text()
     assert ns["refreshed"](text) == text, "run: python scripts/settings_reference.py --write"
