@@ -178,8 +178,11 @@ def phenotype_map(reps: Representations) -> dict[str, str]:
 
 @contextmanager
 def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
-    """A Dask client when many windows must be placed: the configured scheduler, else a local cluster."""
+    """A Dask client when many windows must be placed by UMAP's transform: the configured scheduler,
+    else a local cluster (k-nearest-neighbour placement runs here and needs none)."""
     address = settings.infer.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if settings.cluster.placement != "umap":
+        to_place = 0
     if to_place == 0 or (not address and to_place < LOCAL_DASK_ABOVE):
         yield None
         return
@@ -232,7 +235,7 @@ def cluster_windows(
     reducer = fit_reducer(
         x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
     )
-    z = embed(reducer, x, client)
+    z = embed(reducer, x, client, placement=cfg.placement)
     fit_z = reducer.fit_embedding
     if select == "bic":
         gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
@@ -670,7 +673,7 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
             f"{url}: {x.shape[1]}-d vectors, but the saved model was fitted on {bundle['feature_dim']}-d ones"
         )
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
-        z = embed(bundle["reducer"], x, client)
+        z = embed(bundle["reducer"], x, client, placement=settings.cluster.placement)
     labels, prob = assign(bundle["mixture"], z)
     fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
