@@ -298,7 +298,8 @@ class ClusterSettings(Section):
         None,
         ge=2,
         description="Nearest fields (itself included) each field is linked to in the spectral graph; the "
-        "consensus of this size and one either side is taken. Default: the median number of fields per sample.",
+        "consensus of this size and one either side is taken. Default: the median number of fields per sample, "
+        "at most 32.",
     )
     focus_qc: float = Field(
         0.67,
