@@ -4,7 +4,7 @@
 
     attributes["cellmi"]   {"complete", "window", "stride", "feature_sets", "handcrafted_names",
                             "checkpoint", "checkpoint_sha256", "store", "settings", "cellmi_version",
-                            "phenotypes"}
+                            "phenotypes", "focus": {sample: {field: focus score or null}}}
     sample, field, split   (n,) str       one row per window, sorted by (sample, field, y, x)
     y, x                   (n,) int32     top-left corner of the window in the field
     fg_fraction            (n,) float32   foreground share of the window

@@ -219,10 +219,17 @@ class Clustering:
 
 
 def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
-    """Focus score of every field of the representations, read from their image store (none when QC is off)."""
+    """Focus score of every field of the representations (none when QC is off): as inference measured
+    it, or, for representations without it, from their image store."""
     if cfg.focus_qc <= 0:
         return {}
     pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates()
+    measured = reps.attrs.get("focus") or {}
+    if all(f in measured.get(s, {}) for s, f in pairs.itertuples(index=False, name=None)):
+        return {
+            (s, f): np.nan if measured[s][f] is None else float(measured[s][f])
+            for s, f in pairs.itertuples(index=False, name=None)
+        }
     try:
         return field_focus(open_store(str(reps.attrs["store"])), list(pairs.itertuples(index=False, name=None)))
     except (UserError, OSError, KeyError) as err:

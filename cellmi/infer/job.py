@@ -269,10 +269,16 @@ def assemble(plan: Plan, results: dict[str, FieldResult]) -> Representations:
         for k in ("dim", "random", "handcrafted")
     }
     order = sort_order(table)
-    reps = Representations(
-        table.iloc[order].reset_index(drop=True), {k: v[order] for k, v in features.items()}, dict(plan.attrs)
-    )
-    return reps
+    attrs = dict(plan.attrs, focus=focus_table(parts))
+    return Representations(table.iloc[order].reset_index(drop=True), {k: v[order] for k, v in features.items()}, attrs)
+
+
+def focus_table(parts: list[FieldResult]) -> dict[str, dict[str, float | None]]:
+    """{sample: {field: focus score}} of the fields (None where not measured: no foreground)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for part in parts:
+        out.setdefault(part.sample, {})[part.field] = None if np.isnan(part.focus) else float(part.focus)
+    return out
 
 
 def _groups(fields: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:

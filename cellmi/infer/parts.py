@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 @dataclass
 class FieldResult:
     """The kept windows of one field: corners (n,) y and x, (n,) fg fraction and background flag,
-    and feature matrices (n, D) by feature-set name."""
+    feature matrices (n, D) by feature-set name, and the field's focus score (NaN: not measured)."""
 
     sample: str
     field: str
@@ -45,6 +45,7 @@ class FieldResult:
     fg_fraction: np.ndarray
     background: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    focus: float = float("nan")
 
     @property
     def name(self) -> str:
@@ -61,6 +62,7 @@ class FieldResult:
             x=self.x,
             fg_fraction=self.fg_fraction,
             background=self.background,
+            focus=np.float64(self.focus),
             **arrays,
         )
         return buffer.getvalue()
@@ -77,6 +79,7 @@ class FieldResult:
                 npz["fg_fraction"],
                 npz["background"],
                 features,
+                float(npz["focus"]) if "focus" in npz.files else float("nan"),
             )
 
 

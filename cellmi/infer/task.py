@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cellmi.analyze.focus import focus_score
 from cellmi.infer.embed import EncoderLike, embed_naive, embed_shared, embed_views
 from cellmi.infer.handcrafted import window_features
 from cellmi.infer.parts import FieldResult, done_names, write_part
@@ -69,7 +70,8 @@ def _store(url: str, run_id: str) -> ImageStore:
 
 
 def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, field: str) -> FieldResult:
-    """Windows of one field with their foreground fraction and the three feature sets."""
+    """Windows of one field with their foreground fraction, the three feature sets and the field's
+    focus score (measured here, where the pixels are read anyway, not by the clustering job)."""
     raw = store.read_image(sample, field)
     mask = store.read_mask(sample, field)
     corners = window_grid(raw.shape[1:], job.window, job.stride)
@@ -92,6 +94,7 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
         fg,
         fg < job.min_foreground,
         features,
+        focus_score(np.log1p(raw[0].astype(np.float32)), mask),
     )
 
 

@@ -14,6 +14,7 @@ import torch
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from cellmi.analyze.focus import field_focus
 from cellmi.errors import UserError
 from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key
 from cellmi.infer.parts import PARTS_NAME, FieldResult, prepare_parts, write_part
@@ -113,6 +114,9 @@ def test_dask_result_equals_in_process_result(tmp_path):
     assert attrs["phenotypes"]["S01"] == "pheno1" and attrs["settings"]["infer"]["workers"] == 2
     assert len(attrs["handcrafted_names"]) == got.features["handcrafted"].shape[1] == 13 * len(CHANNELS) + 1
     assert got.features["dim"].shape[1] == 6 and not np.allclose(got.features["dim"], got.features["random"])
+    store = open_store(join(workdir, "store.zarr"))  # each field's focus score, as the cluster job measured it
+    focus = {(s, f): v for s, fields in attrs["focus"].items() for f, v in fields.items()}
+    assert focus == pytest.approx(field_focus(store, store.meta.images())) and len(focus) == SAMPLES * FIELDS
     frame = read_parquet(join(workdir, "representations.parquet"))
     assert frame["Metadata_sample"].tolist() == got.table["sample"].tolist()
     assert {"Metadata_fg_fraction", "Metadata_split", "Metadata_phenotype"} <= set(frame.columns)
