@@ -327,6 +327,12 @@ class ClusterSettings(Section):
         "umap, UMAP's transform itself (~0.5 ms per window, on Dask above 50,000 windows).",
     )
     baselines: bool = Field(True, description="Also score an untrained encoder and hand-crafted features.")
+    baselines_apart_above: int = Field(
+        20_000,
+        ge=0,
+        description="From this many windows to cluster on, with 2 or more cores and a fixed cluster count, the "
+        "baselines are clustered in a second process while DIM is clustered in the first (same results).",
+    )
     gallery: int = Field(8, ge=1, description="Windows per cluster in the gallery.")
     seed: int = Field(0, description="Seed of UMAP, the mixture and subsampling.")
     apply_to: str | None = Field(

@@ -36,9 +36,12 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +76,7 @@ from cellmi.analyze.profiles import (
 from cellmi.analyze.reduce import CHUNK, Reducer, embed, embed_2d, fit_reducer
 from cellmi.analyze.report import ClusterView, ReportData, render_report
 from cellmi.errors import UserError
-from cellmi.log import log
+from cellmi.log import log, setup_logging
 from cellmi.representations import (
     REPR_ZARR,
     Representations,
@@ -576,13 +579,70 @@ def _feature_sets(reps: Representations, baselines: bool) -> list[str]:
     return names
 
 
+def score_feature_set(
+    reps: Representations,
+    primary: Representations,
+    name: str,
+    cfg: ClusterSettings,
+    k: int,
+    select: str,
+    client: Any,
+    focus: Focus,
+) -> tuple[Clustering, dict[str, Any], dict[str, tuple[dict, pd.DataFrame]], dict[str, float]]:
+    """Cluster one feature set on the chosen split and score it there and on the other splits.
+
+    Returns the clustering, scores by split, the other splits' (scores, fields) by "name/split",
+    and the steps' seconds.
+    """
+    phen, timings = phenotype_map(reps), {}
+    with timed(f"cluster {name}", timings):
+        c = cluster_feature_set(primary, name, cfg, k, select, client, focus)
+    scores = {cfg.split: primary_scores(primary, c, cfg, phen)}
+    others = {}
+    with timed(f"profiles {name}", timings):
+        for split in OTHER_SPLITS[cfg.split]:
+            found = profile_split(reps, split, name, cfg, phen, focus)
+            if found is not None:
+                scores[split] = found[0]
+                others[f"{name}/{split}"] = found
+    return c, scores, others, timings
+
+
+def score_baseline(
+    reps: Representations, primary: Representations, name: str, cfg: ClusterSettings, k: int, focus: Focus, level: int
+) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:
+    """``score_feature_set`` of a baseline in a process of its own: window labels, scores, seconds."""
+    setup_logging(logging.getLevelName(level))
+    c, scores, _, timings = score_feature_set(reps, primary, name, cfg, k, "fixed", None, focus)
+    return c.labels, scores, timings
+
+
+def only(reps: Representations, name: str) -> Representations:
+    """The same windows with one feature set (what a baseline's process needs to be sent)."""
+    return Representations(reps.table, {name: reps.features[name]}, reps.attrs)
+
+
+@contextmanager
+def baseline_process(cfg: ClusterSettings, names: list[str], windows: int, client: Any) -> Iterator[Any]:
+    """A second process for the baselines, while DIM is clustered here: when there are baselines, a
+    core for them, enough windows to pay for the process's start (imports and numba compilation),
+    a fixed cluster count (by BIC the baselines wait for DIM's) and no Dask placement."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    apart = len(names) > 1 and cores >= 2 and windows >= cfg.baselines_apart_above
+    if not apart or cfg.select != "fixed" or client is not None:
+        yield None
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log.info("cluster: baselines %s in a second process", ", ".join(names[1:]))
+        yield pool
+
+
 def run_analysis(settings: Settings) -> dict[str, Any]:
     """Cluster every feature set, score, write tables, model, figures, metrics and the report."""
     cfg, timings = settings.cluster, {}
     url, out = join(settings.workdir, REPR_ZARR), join(settings.workdir, ANALYSIS)
     with timed("load", timings):
         reps = usable_windows(load_representations(url), url)
-    phen = phenotype_map(reps)
     primary = split_rows(reps, cfg.split, url)
     k = cfg.n_clusters or int(primary.table["sample"].nunique())
     with timed("focus", timings):
@@ -594,26 +654,35 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
         "select": cfg.select,
         "score_keys": list(SCORE_KEYS),
     }
-    results: dict[str, Clustering] = {}
-    others: dict[str, tuple[dict, pd.DataFrame]] = {}
+    names = _feature_sets(reps, cfg.baselines)
+    labels: dict[str, np.ndarray] = {}
     n = len(primary.table)
-    with dask_client(settings, n - cfg.subsample_size if n > cfg.subsample_above else 0) as client:
-        for name in _feature_sets(reps, cfg.baselines):
-            select = cfg.select if name == "dim" else "fixed"
-            k_used = k if name == "dim" else results["dim"].mixture.n_components
-            with timed(f"cluster {name}", timings):
-                results[name] = cluster_feature_set(primary, name, cfg, k_used, select, client, focus)
-            metrics[name] = {cfg.split: primary_scores(primary, results[name], cfg, phen)}
-            with timed(f"profiles {name}", timings):
-                for split in OTHER_SPLITS[cfg.split]:
-                    found = profile_split(reps, split, name, cfg, phen, focus)
-                    if found is not None:
-                        metrics[name][split] = found[0]
-                        others[f"{name}/{split}"] = found
-    dim = results["dim"]
+    with (
+        dask_client(settings, n - cfg.subsample_size if n > cfg.subsample_above else 0) as client,
+        baseline_process(cfg, names, n, client) as pool,
+    ):
+        args = (cfg, k, focus, log.getEffectiveLevel())
+        pending = {
+            name: pool.submit(score_baseline, only(reps, name), only(primary, name), name, *args)
+            for name in (names[1:] if pool else [])
+        }
+        dim, metrics["dim"], others, spent = score_feature_set(reps, primary, "dim", cfg, k, cfg.select, client, focus)
+        timings.update(spent)
+        for name in names[1:]:
+            if name not in pending:  # the baselines use DIM's cluster count
+                c, metrics[name], _, spent = score_feature_set(
+                    reps, primary, name, cfg, dim.mixture.n_components, "fixed", client, focus
+                )
+                timings.update(spent)
+                labels[name] = c.labels
+        for name, future in pending.items():
+            with timed(f"waiting for {name}", timings):
+                labels[name], metrics[name], spent = future.result()
+            timings.update({f"{step} (apart)": seconds for step, seconds in spent.items()})
     metrics["n_clusters"] = int(dim.mixture.n_components)
     metrics["bic"] = {str(kk): v for kk, v in dim.bic.items()} or None
-    write_outputs(settings, out, reps, primary, results, others, metrics, timings, url)
+    baseline_labels = {name: labels[name] for name in names[1:]}
+    write_outputs(settings, out, reps, primary, dim, baseline_labels, others, metrics, timings, url)
     return metrics
 
 
@@ -622,16 +691,16 @@ def write_outputs(
     out: str,
     reps: Representations,
     primary: Representations,
-    results: dict[str, Clustering],
+    dim: Clustering,
+    baseline_labels: dict[str, np.ndarray],
     others: dict[str, tuple[dict, pd.DataFrame]],
     metrics: dict[str, Any],
     timings: dict[str, float],
     url: str,
 ) -> None:
-    cfg, dim, phen = settings.cluster, results["dim"], phenotype_map(reps)
+    cfg, phen = settings.cluster, phenotype_map(reps)
     with timed("tables and model", timings):
         save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
-        baseline_labels = {n: r.labels for n, r in results.items() if n != "dim"}
         write_parquet(
             join(out, "clusters_windows.parquet"),
             window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
