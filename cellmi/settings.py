@@ -319,7 +319,12 @@ class ClusterSettings(Section):
     subsample_above: int = Field(
         20_000, ge=100, description="Fit UMAP and GMM on a subsample when there are more windows."
     )
-    subsample_size: int = Field(10_000, ge=100, description="Size of that subsample.")
+    subsample_size: int = Field(
+        4_000,
+        ge=100,
+        description="Size of that subsample. Up to 4,095 UMAP finds exact neighbours (above, pynndescent, whose "
+        "compilation costs ~30 s a process); raise it for many clusters (~300 windows a cluster).",
+    )
     placement: Literal["knn", "umap"] = Field(
         "knn",
         description="How windows outside the UMAP subsample are placed: knn, the weighted mean of the "

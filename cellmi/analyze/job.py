@@ -50,6 +50,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from cellmi import __version__
 from cellmi.analyze.figures import Panel, bic_figure, confusion_figure, gallery_figure, umap_figure
@@ -161,7 +162,7 @@ def usable_windows(reps: Representations, url: str) -> Representations:
     keep = ~reps.table["background"].to_numpy(bool)
     if not keep.any():
         raise UserError(f"{url}: no foreground windows to cluster")
-    return reps.subset(keep)
+    return reps if keep.all() else reps.subset(keep)
 
 
 def split_rows(reps: Representations, split: str, url: str) -> Representations:
@@ -613,7 +614,8 @@ def score_baseline(
 ) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:
     """``score_feature_set`` of a baseline in a process of its own: window labels, scores, seconds."""
     setup_logging(logging.getLevelName(level))
-    c, scores, _, timings = score_feature_set(reps, primary, name, cfg, k, "fixed", None, focus)
+    with threadpool_limits(1):  # one core each: this process and the one clustering DIM
+        c, scores, _, timings = score_feature_set(reps, primary, name, cfg, k, "fixed", None, focus)
     return c.labels, scores, timings
 
 
@@ -666,8 +668,12 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
             name: pool.submit(score_baseline, only(reps, name), only(primary, name), name, *args)
             for name in (names[1:] if pool else [])
         }
-        dim, metrics["dim"], others, spent = score_feature_set(reps, primary, "dim", cfg, k, cfg.select, client, focus)
-        timings.update(spent)
+        with threadpool_limits(1 if pending else None):  # the other core is the baselines' process's
+            dim, metrics["dim"], others, spent = score_feature_set(
+                reps, primary, "dim", cfg, k, cfg.select, client, focus
+            )
+            timings.update(spent)
+            pictures = dim_pictures(settings, out, reps, primary, dim, others, timings, url)
         for name in names[1:]:
             if name not in pending:  # the baselines use DIM's cluster count
                 c, metrics[name], _, spent = score_feature_set(
@@ -682,30 +688,31 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
     metrics["n_clusters"] = int(dim.mixture.n_components)
     metrics["bic"] = {str(kk): v for kk, v in dim.bic.items()} or None
     baseline_labels = {name: labels[name] for name in names[1:]}
-    write_outputs(settings, out, reps, primary, dim, baseline_labels, others, metrics, timings, url)
+    write_outputs(settings, out, reps, primary, dim, baseline_labels, pictures, metrics, timings, url)
     return metrics
 
 
-def write_outputs(
+@dataclass
+class Pictures:
+    """The DIM clustering's figures (PNG name -> caption, bytes), report views and notes."""
+
+    pngs: dict[str, tuple[str, bytes]]
+    views: list[ClusterView]
+    notes: list[str]
+
+
+def dim_pictures(
     settings: Settings,
     out: str,
     reps: Representations,
     primary: Representations,
     dim: Clustering,
-    baseline_labels: dict[str, np.ndarray],
     others: dict[str, tuple[dict, pd.DataFrame]],
-    metrics: dict[str, Any],
     timings: dict[str, float],
     url: str,
-) -> None:
-    cfg, phen = settings.cluster, phenotype_map(reps)
-    with timed("tables and model", timings):
-        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
-        write_parquet(
-            join(out, "clusters_windows.parquet"),
-            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
-        )
-        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen))
+) -> Pictures:
+    """Figures, galleries and the traits table of the DIM clustering (writes cluster_traits.csv)."""
+    cfg = settings.cluster
     other_split = next(iter(OTHER_SPLITS[cfg.split]), None)
     other = (other_split, others[f"dim/{other_split}"][1]) if f"dim/{other_split}" in others else None
     with timed("figures", timings):
@@ -723,6 +730,31 @@ def write_outputs(
         except (UserError, OSError, KeyError) as err:
             log.warning("cluster: no galleries or traits (image store unavailable: %s)", err)
             notes.append(f"galleries and traits unavailable: {err}")
+    return Pictures(pngs, views, notes)
+
+
+def write_outputs(
+    settings: Settings,
+    out: str,
+    reps: Representations,
+    primary: Representations,
+    dim: Clustering,
+    baseline_labels: dict[str, np.ndarray],
+    pictures: Pictures,
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+    url: str,
+) -> None:
+    """Tables, model, figures, metrics, and the report last (it marks the stage done)."""
+    cfg, phen = settings.cluster, phenotype_map(reps)
+    with timed("tables and model", timings):
+        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
+        write_parquet(
+            join(out, "clusters_windows.parquet"),
+            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
+        )
+        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen))
+    pngs = pictures.pngs
     for name, (_, png) in pngs.items():
         write_bytes_atomic(join(out, name), png)
     metrics["timings_s"] = timings
@@ -733,8 +765,8 @@ def write_outputs(
         settings=as_dict(settings),
         provenance=provenance(url, reps, timings),
         figures=[pngs[n] for n in ("umap.png", "confusion.png", "bic.png") if n in pngs],
-        clusters=views,
-        notes=notes,
+        clusters=pictures.views,
+        notes=pictures.notes,
     )
     write_bytes_atomic(join(out, "report.html"), render_report(report).encode())
     log.info("cluster: report at %s", join(out, "report.html"))

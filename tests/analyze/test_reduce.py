@@ -84,20 +84,16 @@ def test_membership_weights_fall_with_distance_like_umaps():
     np.testing.assert_allclose(weights[:, 1:].sum(axis=1), np.log2(4), rtol=1e-3)
 
 
-@pytest.mark.slow  # umap-learn compiles pynndescent for fits above 4,096 windows: ~20 s
-def test_large_fits_search_umaps_own_index():
-    """Above 4,096 fitted windows the neighbours come from UMAP's pynndescent index: approximate, close."""
+def test_nearest_fitted_windows_are_exact(fitted):
+    """The same neighbours and distances as sklearn's exhaustive search."""
     from sklearn.neighbors import NearestNeighbors
 
-    x, _ = _touching_blobs(6000)
-    reducer = fit_reducer(x, dim=2, neighbors=10, min_dist=0.0, seed=0, subsample_above=5000, subsample_size=4200)
-    assert reducer.model._knn_search_index is not None  # the path under test
-    rows = reducer.scale(x[:500])
+    x, _, reducer = fitted
+    rows = reducer.scale(x + np.random.default_rng(1).normal(size=x.shape))
     indices, dists = nearest_fitted(reducer, rows, 10)
-    exact = NearestNeighbors(n_neighbors=10).fit(reducer.fit_rows).kneighbors(rows, return_distance=False)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices, exact, strict=True)])
-    assert recall >= 0.9  # approximate, as for UMAP's own transform
-    np.testing.assert_allclose(dists, np.linalg.norm(rows[:, None] - reducer.fit_rows[indices], axis=2), rtol=1e-4)
+    want_d, want_i = NearestNeighbors(n_neighbors=10).fit(reducer.fit_rows).kneighbors(rows)
+    np.testing.assert_array_equal(indices, want_i)
+    np.testing.assert_allclose(dists, want_d, rtol=1e-4, atol=1e-4)
 
 
 def test_placement_is_a_setting():
