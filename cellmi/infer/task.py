@@ -17,7 +17,7 @@ import torch
 from cellmi.analyze.focus import focus_score
 from cellmi.infer.embed import EncoderLike, embed_naive, embed_shared, embed_views
 from cellmi.infer.handcrafted import window_features
-from cellmi.infer.parts import FieldResult, done_names, write_part
+from cellmi.infer.parts import FieldResult, done_names, write_parts
 from cellmi.infer.windows import foreground_fraction, window_grid
 from cellmi.store import ImageStore, image_name, open_store
 
@@ -99,16 +99,12 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
 
 
 def run_task(job: InferJob, fields: list[tuple[str, str]], threads: int = 1) -> list[str]:
-    """Embed the fields not done yet and write their parts; returns the names computed here."""
+    """Embed the fields not done yet and write them as one part; returns the names computed here."""
     torch.set_num_threads(threads)
     store = _store(job.store, job.run_id)
     models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed)
-    done = done_names(job.parts) if len(fields) > 1 else set()
-    computed = []
-    for sample, field in fields:
-        name = image_name(sample, field)
-        if name in done:  # an earlier attempt of this task got this far
-            continue
-        write_part(job.parts, embed_field(job, store, models, sample, field), job.run_id)
-        computed.append(name)
-    return computed
+    names = [image_name(sample, field) for sample, field in fields]
+    done = done_names(job.parts, names) if len(fields) > 1 else set()  # an earlier attempt got this far
+    results = [embed_field(job, store, models, s, f) for (s, f), n in zip(fields, names, strict=True) if n not in done]
+    write_parts(job.parts, results, job.run_id)
+    return [r.name for r in results]
