@@ -253,6 +253,23 @@ class InferSettings(Section):
     fields_per_task: int = Field(1, ge=1, description="Fields per Dask task.")
     retries: int = Field(3, ge=0, description="Retries of a failed task.")
     batch_windows: int = Field(64, ge=1, description="Windows per forward pass in naive mode.")
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="auto: when Dask workers offer a GPU resource (dask worker --resources GPU=1; the embedded "
+        "cluster has one such worker on a machine with CUDA), every field goes to them in batches of gpu_fields; "
+        "cpu: one field at a time on any worker.",
+    )
+    gpu_fields: int = Field(
+        32, ge=1, description="Fields per task on a GPU worker: fields of one shape share each forward pass."
+    )
+    precision: Literal["bf16", "float32"] = Field(
+        "bf16",
+        description="Precision of the encoder's conv trunk on a GPU (bf16 autocast; vectors within ~1 % of "
+        "float32); pooling and head stay float32. On the CPU always float32.",
+    )
+    prep_threads: int = Field(
+        0, ge=0, description="Threads reading and preparing the fields of a GPU task; 0: the worker's cores."
+    )
     baseline_seed: int = Field(0, description="Seed of the untrained encoder of the random baseline.")
     memory_limit_gb: float = Field(
         4.0, gt=0, description="Refuse settings whose estimated per-task memory exceeds this."

@@ -160,7 +160,8 @@ def embed_batch(
                 out = np.zeros((len(every), vectors.shape[1]), np.float32)
             out[rows] = vectors
     if out is None:
-        return [np.zeros((0, _global_dim(encoder, pixels.shape[1], window, pixels.device)), np.float32) for _ in corners]
+        width = _global_dim(encoder, pixels.shape[1], window, pixels.device)
+        return [np.zeros((0, width), np.float32) for _ in corners]
     return np.split(out, np.cumsum([len(c) for c in corners])[:-1])
 
 

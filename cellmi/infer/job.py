@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from cellmi import __version__
 from cellmi.errors import UserError
 from cellmi.infer.embed import activation_bytes
-from cellmi.infer.fanout import compute_parts, dask_client
+from cellmi.infer.fanout import compute_parts, dask_client, gpu_workers
 from cellmi.infer.handcrafted import feature_names
 from cellmi.infer.parts import PARTS_NAME, FieldResult, done_names, prepare_parts, read_parts
 from cellmi.infer.task import InferJob, embed_field, load_models
@@ -195,6 +195,8 @@ def make_plan(settings: Settings) -> Plan:
         batch_windows=infer.batch_windows,
         baseline_seed=infer.baseline_seed,
         run_id=uuid.uuid4().hex[:12],
+        precision=infer.precision,
+        prep_threads=infer.prep_threads,
     )
     attrs = {
         "window": window,
@@ -233,6 +235,7 @@ def run_key(plan: Plan) -> str:
             "min_foreground": job.min_foreground,
             "keep_background": job.keep_background,
             "baseline_seed": job.baseline_seed,
+            "precision": job.precision,  # of batched tasks on a GPU (a run may mix GPU and CPU parts)
             "version": __version__,
         }
     )
@@ -281,6 +284,17 @@ def focus_table(parts: list[FieldResult]) -> dict[str, dict[str, float | None]]:
     return out
 
 
+def task_shape(settings: Settings, job: InferJob, client: Any) -> tuple[InferJob, int]:
+    """Batched tasks of ``gpu_fields`` fields when workers offer a GPU (and the device is auto), else
+    CPU tasks of ``fields_per_task``; returns the job the tasks carry and the fields per task."""
+    infer = settings.infer
+    gpus = gpu_workers(client) if infer.device == "auto" else 0
+    if not gpus:
+        return job, infer.fields_per_task
+    log.info("infer: %d GPU worker(s); batches of %d fields, %s", gpus, infer.gpu_fields, infer.precision)
+    return replace(job, batched=True), infer.gpu_fields
+
+
 def _groups(fields: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
     return [fields[i : i + size] for i in range(0, len(fields), size)]
 
@@ -323,9 +337,8 @@ def run_inference(settings: Settings) -> InferOutcome:
     computed = 0
     if todo:
         with dask_client(settings.infer) as client:
-            computed = compute_parts(
-                client, job, _groups(todo, settings.infer.fields_per_task), settings.infer.retries
-            )
+            job, size = task_shape(settings, job, client)
+            computed = compute_parts(client, job, _groups(todo, size), settings.infer.retries)
     reps = assemble(plan, read_parts(job.parts, [image_name(s, f) for s, f in plan.fields]))
     if len(reps.table) == 0:
         raise UserError(

@@ -129,6 +129,29 @@ def test_dask_result_equals_in_process_result(tmp_path):
     assert len(load_representations(join(workdir, "representations.zarr")).table) == outcome.windows
 
 
+def test_gpu_workers_get_batches_with_the_same_vectors(tmp_path, caplog):
+    """Workers offering a GPU resource get batched tasks (here without CUDA: the same code in float32
+    on the CPU), with two dihedral views; the vectors equal the one-field-at-a-time path's."""
+    workdir = str(tmp_path / "run")
+    make_run(workdir)
+    _, want = expected(settings_for(workdir, views=2))
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as gpu_cluster, caplog.at_level(logging.INFO, logger="cellmi"):
+        settings = settings_for(workdir, views=2, gpu_fields=4, scheduler_address=gpu_cluster.scheduler_address)
+        outcome = run_inference(settings)
+    assert "1 GPU worker(s); batches of 4 fields" in caplog.text
+    assert outcome.computed == SAMPLES * FIELDS
+    got = load_representations(join(workdir, "representations.zarr"))
+    assert_same(got, want)
+    assert_each_field_once(got, settings)
+
+
 def test_naive_mode_and_kept_background_in_process(tmp_path):
     workdir = str(tmp_path / "run")
     make_run(workdir)
