@@ -250,7 +250,12 @@ class InferSettings(Section):
         None, description="Existing Dask scheduler; DASK_SCHEDULER_ADDRESS is used when this is unset."
     )
     workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per core.")
-    fields_per_task: int = Field(1, ge=1, description="Fields per Dask task.")
+    fields_per_task: int = Field(
+        0,
+        ge=0,
+        description="Fields per Dask task on CPU workers (a task writes its fields as one part); 0: as many as "
+        "leave each worker at least 4 tasks, at most 8.",
+    )
     retries: int = Field(3, ge=0, description="Retries of a failed task.")
     batch_windows: int = Field(64, ge=1, description="Windows per forward pass in naive mode.")
     device: Literal["auto", "cpu"] = Field(

@@ -284,15 +284,23 @@ def focus_table(parts: list[FieldResult]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def task_shape(settings: Settings, job: InferJob, client: Any) -> tuple[InferJob, int]:
+# Fields per CPU task when fields_per_task is 0 (auto): few enough that every worker gets at least
+# TASKS_PER_WORKER tasks (balance), many enough to share a task's fixed costs (scheduling, one part write).
+TASKS_PER_WORKER, MAX_FIELDS_PER_TASK = 4, 8
+
+
+def task_shape(settings: Settings, job: InferJob, client: Any, fields: int) -> tuple[InferJob, int]:
     """Batched tasks of ``gpu_fields`` fields when workers offer a GPU (and the device is auto), else
-    CPU tasks of ``fields_per_task``; returns the job the tasks carry and the fields per task."""
+    CPU tasks of ``fields_per_task`` (0: auto); returns the job the tasks carry and the fields per task."""
     infer = settings.infer
     gpus = gpu_workers(client) if infer.device == "auto" else 0
-    if not gpus:
+    if gpus:
+        log.info("infer: %d GPU worker(s); batches of %d fields, %s", gpus, infer.gpu_fields, infer.precision)
+        return replace(job, batched=True), infer.gpu_fields
+    if infer.fields_per_task:
         return job, infer.fields_per_task
-    log.info("infer: %d GPU worker(s); batches of %d fields, %s", gpus, infer.gpu_fields, infer.precision)
-    return replace(job, batched=True), infer.gpu_fields
+    workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    return job, max(1, min(MAX_FIELDS_PER_TASK, fields // (TASKS_PER_WORKER * workers)))
 
 
 def _groups(fields: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
@@ -337,7 +345,7 @@ def run_inference(settings: Settings) -> InferOutcome:
     computed = 0
     if todo:
         with dask_client(settings.infer) as client:
-            job, size = task_shape(settings, job, client)
+            job, size = task_shape(settings, job, client, len(todo))
             computed = compute_parts(client, job, _groups(todo, size), settings.infer.retries)
     reps = assemble(plan, read_parts(job.parts, [image_name(s, f) for s, f in plan.fields]))
     if len(reps.table) == 0:
