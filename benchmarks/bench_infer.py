@@ -340,7 +340,10 @@ def window_grid_of(plan):
 
 
 def gpu(workdir: str, gpu_fields: int) -> dict:
-    """The batched path on one GPU worker; the encoders alone on the GPU; bf16 GPU vs float32 CPU vectors."""
+    """The batched path on one GPU worker; the encoders alone on the GPU; bf16 GPU vs float32 CPU vectors.
+
+    Without CUDA the same code runs on the CPU in float32 (a dry run of this part of the script).
+    """
     from dataclasses import replace
 
     import numpy as np
@@ -349,7 +352,7 @@ def gpu(workdir: str, gpu_fields: int) -> dict:
 
     from cellmi.infer.embed import embed_batch
     from cellmi.infer.job import _groups, make_plan
-    from cellmi.infer.task import load_models
+    from cellmi.infer.task import compute_device, load_models
     from cellmi.store import open_store
 
     plan = make_plan(settings_for(workdir, keep_background=True))
@@ -360,24 +363,29 @@ def gpu(workdir: str, gpu_fields: int) -> dict:
     some = plan.fields[:gpu_fields]
     norm = np.stack([store.normalise(store.read_image(s, f), store.read_mask(s, f)) for s, f in some])
     corners = [window_grid_of(plan)] * len(some)
+    device, precision = compute_device(job)
     cpu = load_models(job.checkpoint, job.checkpoint_sha256, 0).dim
-    cuda = load_models(job.checkpoint, job.checkpoint_sha256, 0, "cuda").dim
-    pixels = torch.from_numpy(norm).cuda()
-    embed_batch(cuda, pixels, corners, job.window, precision=torch.bfloat16)  # warm-up: kernels, allocator
-    torch.cuda.synchronize()
-    start, passes = time.perf_counter(), 5
-    for _ in range(passes):
-        half = embed_batch(cuda, pixels, corners, job.window, precision=torch.bfloat16)
-    torch.cuda.synchronize()
-    encoder_rate = passes * len(some) / (time.perf_counter() - start)
+    model = load_models(job.checkpoint, job.checkpoint_sha256, 0, device.type).dim
+    pixels = torch.from_numpy(norm).to(device)
+
+    def encode() -> list:
+        out = embed_batch(model, pixels, corners, job.window, precision=precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    encode()  # warm-up: kernels, allocator
+    passes = 5
+    seconds, _ = timed(lambda: [encode() for _ in range(passes)])
+    half = encode()
     exact = embed_batch(cpu, torch.from_numpy(norm), corners, job.window)
     gaps = [np.linalg.norm(h - e, axis=1) / np.linalg.norm(e, axis=1) for h, e in zip(half, exact, strict=True)]
     return {
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (no CUDA: dry run)",
         "fields": len(plan.fields),
         "gpu_fields": gpu_fields,
         "whole_task_fields_per_s": whole,
-        "dim_encoder_only_fields_per_s": encoder_rate,
+        "dim_encoder_only_fields_per_s": passes * len(some) / seconds,
         "bf16_vs_float32_max_relative_error": float(np.concatenate(gaps).max()),
     }
 

@@ -135,6 +135,19 @@ def test_handcrafted_features_match_numpy_on_one_window():
     assert feats[0, names.index("DNA_raw_mean")] != feats[1, names.index("DNA_raw_mean")]
 
 
+def test_percentiles_need_normalised_pixels_that_follow_the_raw_ones():
+    """The normalised order statistics are looked up from the raw ones: refused when that cannot hold."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 50, (1, 40, 40)).astype(np.uint16)  # many ties
+    norm = np.log1p(raw.astype(np.float32))
+    corners = np.array([[0, 0], [8, 8]])
+    feats = window_features(raw, norm, raw[0] > 10, corners, 32)
+    names = feature_names(["DNA"])
+    assert feats[1, names.index("DNA_norm_p05")] == np.percentile(norm[0, 8:40, 8:40], 5, method="lower")
+    with pytest.raises(ValueError, match="not a function of the raw ones"):
+        window_features(raw, norm + rng.normal(size=norm.shape).astype(np.float32), raw[0] > 10, corners, 32)
+
+
 @pytest.mark.parametrize("view", range(8))
 def test_each_view_sees_the_same_windows_turned(view):
     rng = np.random.default_rng(view)

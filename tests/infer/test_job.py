@@ -16,7 +16,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from cellmi.analyze.focus import field_focus
 from cellmi.errors import UserError
-from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key
+from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key, task_shape
 from cellmi.infer.parts import PARTS_NAME, FieldResult, prepare_parts, write_part
 from cellmi.infer.windows import foreground_fraction, window_grid
 from cellmi.representations import load_representations, read_parquet
@@ -150,6 +150,19 @@ def test_gpu_workers_get_batches_with_the_same_vectors(tmp_path, caplog):
     got = load_representations(join(workdir, "representations.zarr"))
     assert_same(got, want)
     assert_each_field_once(got, settings)
+
+
+def test_cpu_tasks_hold_several_fields_when_there_are_many(tmp_path, cluster):
+    """Auto: each of the 2 workers gets at least 4 tasks, a task at most 8 fields; a set value wins."""
+    workdir = str(tmp_path / "run")
+    make_run(workdir)
+    settings = settings_for(workdir)
+    job = make_plan(settings).job
+    with Client(cluster) as client:
+        sizes = [task_shape(settings, job, client, fields)[1] for fields in (7, 40, 1000)]
+        fixed = task_shape(settings_for(workdir, fields_per_task=3), job, client, 1000)
+    assert sizes == [1, 5, 8]
+    assert fixed == (job, 3) and not fixed[0].batched
 
 
 def test_naive_mode_and_kept_background_in_process(tmp_path):
