@@ -298,7 +298,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument(
-        "--transform-cap", type=int, default=100_000, help="most windows placed by UMAP's transform per size"
+        "--transform-cap", type=int, default=20_000, help="most windows placed by UMAP's transform per size"
     )
     parser.add_argument("--job-windows", type=int, default=1_000_000, help="windows of part 2; 0 skips it")
     parser.add_argument("--out", default=str(OUT / "cluster.json"))

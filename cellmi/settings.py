@@ -350,8 +350,9 @@ class ClusterSettings(Section):
     placement: Literal["knn", "umap"] = Field(
         "knn",
         description="How windows outside the UMAP subsample are placed: knn, the weighted mean of the "
-        "embedding of their nearest fitted windows (how UMAP's transform starts; ~15 s per 10^6 windows); "
-        "umap, UMAP's transform itself (~0.5 ms per window, on Dask above 50,000 windows).",
+        "embedding of their nearest fitted windows (how UMAP's transform starts; ~10 s per 10^6 windows); "
+        "umap, UMAP's transform itself (on Dask above 50,000 windows; ~5 ms a window below 4,096 fitted "
+        "windows, where umap-learn compares every pair, ~0.5 ms above).",
     )
     baselines: bool = Field(True, description="Also score an untrained encoder and hand-crafted features.")
     baselines_apart_above: int = Field(
