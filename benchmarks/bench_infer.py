@@ -307,9 +307,12 @@ def fields_per_second(client, plan, groups: list, job=None) -> tuple[float, floa
     return fields / seconds, 1000 * sum(after[w] - before.get(w, 0.0) for w in after) / fields
 
 
-def scaling(workdir: str, worker_counts: list[int], per_task: int) -> dict:
+def scaling(workdir: str, worker_counts: list[int], per_task: int, per_worker: int = 0) -> dict:
     """Warm fields/s with 1, 2, 4, ... workers (``per_task`` fields a task; 0: as `cellmi infer` picks),
-    parallel efficiency, and the overhead of a task on a worker over the same work in one process."""
+    parallel efficiency, and the overhead of a task on a worker over the same work in one process.
+
+    ``per_worker``: W workers embed ``per_worker * W`` of the fields (0: all of them for every W), so
+    that a many-core machine measures its small W quickly."""
     from distributed import Client
     from threadpoolctl import threadpool_limits
 
@@ -325,12 +328,13 @@ def scaling(workdir: str, worker_counts: list[int], per_task: int) -> dict:
         in_process_cpu = process_cpu() - start
     rows = []
     for workers in worker_counts:
+        fields = plan.fields[: per_worker * workers] if per_worker else plan.fields
         with warm_cluster(workers) as cluster, Client(cluster) as client:
-            size = task_shape(settings, plan.job, client, len(plan.fields))[1]
-            row = {"workers": workers, "fields_per_task": size}
-            row["fields_per_s"], row["cpu_ms_per_field"] = fields_per_second(client, plan, _groups(plan.fields, size))
+            size = task_shape(settings, plan.job, client, len(fields))[1]
+            row = {"workers": workers, "fields": len(fields), "fields_per_task": size}
+            row["fields_per_s"], row["cpu_ms_per_field"] = fields_per_second(client, plan, _groups(fields, size))
             if workers == 1:
-                _, row["one_field_a_task_cpu_ms_per_field"] = fields_per_second(client, plan, _groups(plan.fields, 1))
+                _, row["one_field_a_task_cpu_ms_per_field"] = fields_per_second(client, plan, _groups(fields, 1))
         rows.append(row)
     one = rows[0]["fields_per_s"]
     for row in rows:
@@ -438,10 +442,10 @@ def scaling_lines(report: dict) -> list[str]:
     lines = []
     sc = report.get("scaling")
     if sc:
-        where = f"{sc['fields']} fields of {sc['shape'][0]}x{sc['shape'][1]} px, {sc['windows_per_field']} windows each"
+        where = f"fields of {sc['shape'][0]}x{sc['shape'][1]} px, {sc['windows_per_field']} windows each"
         for row in sc["rows"]:
             lines.append(
-                f"| {row['workers']} Dask worker(s) ({row['fields_per_task']} fields a task), {where} | "
+                f"| {row['workers']} Dask worker(s), {row['fields']} {where}, {row['fields_per_task']} a task | "
                 f"{row['fields_per_s']:.2f} fields/s, parallel efficiency {row['efficiency']:.2f}, "
                 f"{row['cpu_ms_per_field']:.0f} CPU ms/field |"
             )
@@ -471,6 +475,9 @@ def main() -> None:
     parser.add_argument("--scaling-fields", type=int, default=512)
     parser.add_argument("--scaling-size", type=int, default=384)
     parser.add_argument("--fields-per-task", type=int, default=0, help="0: as `cellmi infer` picks")
+    parser.add_argument(
+        "--fields-per-worker", type=int, default=0, help="W workers embed this many x W fields (0: all)"
+    )
     parser.add_argument("--gpu-fields", type=int, default=32)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda adds the GPU part")
     parser.add_argument("--only", nargs="+", choices=("speed", "scaling", "gpu"), default=None)
@@ -504,7 +511,7 @@ def main() -> None:
         scaling_run(many, base, args.scaling_fields, args.scaling_size)
         counts = [1] + [2**i for i in range(1, 8) if 2**i <= cores()]
         if "scaling" in parts:
-            report["scaling"] = scaling(many, counts, args.fields_per_task)
+            report["scaling"] = scaling(many, counts, args.fields_per_task, args.fields_per_worker)
         if "gpu" in parts:
             report["gpu"] = gpu(many, args.gpu_fields)
     # other users of a shared machine skew timings: record how busy it was
