@@ -25,7 +25,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from cellmi import __version__
 from cellmi.data.intensity import Levels, field_levels, log_intensity
-from cellmi.errors import IncompleteStoreError, UserError
+from cellmi.errors import IncompleteStoreError, UserError, is_infrastructure
+from cellmi.watchdog import waiting
 
 NGFF_VERSION = "0.5"
 MASK_NAME = "foreground"
@@ -45,33 +46,67 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+@dataclass(frozen=True)
+class S3Limits:
+    """Timeouts and tries of every S3 request (settings ``timeouts.s3_*``); plain values, so Dask
+    tasks can carry them to workers."""
+
+    connect_s: float = 10.0
+    read_s: float = 20.0
+    attempts: int = 5
+
+
+_limits = S3Limits()
+
+
+def set_s3_limits(limits: S3Limits) -> None:
+    """Use these limits for every S3 file system and store opened from now on in this process."""
+    global _limits
+    _limits = limits
+
+
+def s3_limits() -> S3Limits:
+    return _limits
+
+
 def s3_options() -> dict[str, Any]:
-    """s3fs options: credentials come from the standard AWS chain, the endpoint from AWS_ENDPOINT_URL."""
+    """s3fs options: credentials come from the standard AWS chain, the endpoint from AWS_ENDPOINT_URL.
+
+    botocore retries a timed-out or refused request (standard mode: exponential backoff with
+    jitter, at most 20 s between tries) ``attempts`` times in all; each try waits ``connect_s`` for
+    the connection and ``read_s`` for each piece of the answer.
+    """
     options: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
-    retries = int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))  # the AWS CLI's own variable
     options["config_kwargs"] = {
-        "retries": {"max_attempts": retries, "mode": "standard"},
-        "connect_timeout": 5,
-        "read_timeout": 30,
+        "retries": {"max_attempts": _limits.attempts, "mode": "standard"},
+        "connect_timeout": _limits.connect_s,
+        "read_timeout": _limits.read_s,
     }
     return options
+
+
+def _s3(asynchronous: bool = False) -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, asynchronous=asynchronous, **s3_options())
+    # s3fs repeats a failed call 5 times on top of botocore's tries: 5 x the bound. botocore's
+    # tries (with backoff) are the one retry policy.
+    fs.retries = 1
+    return fs
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system of a URL and the path inside it."""
     if is_s3(url):
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
-        return fs, url[len("s3://") :]
+        return _s3(), url[len("s3://") :]
     return fsspec.filesystem("file"), os.path.abspath(url)
 
 
 def zarr_store(url: str, read_only: bool = False) -> Any:
     """A Zarr v3 store object for a local path or an ``s3://`` URL."""
     if is_s3(url):
-        return FsspecStore.from_url(url, storage_options=s3_options(), read_only=read_only)
+        return FsspecStore(_s3(asynchronous=True), path=url[len("s3://") :], read_only=read_only)
     if not read_only:
         os.makedirs(url, exist_ok=True)
     return LocalStore(url, read_only=read_only)
@@ -79,19 +114,22 @@ def zarr_store(url: str, read_only: bool = False) -> Any:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with waiting(url):
+        return fs.exists(path)
 
 
 def remove(url: str) -> None:
     """Delete a file or folder tree, local or on S3; missing is fine."""
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with waiting(url):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def read_bytes(url: str) -> bytes:
+    """A whole file, local or S3 (timeouts and retries as in :func:`s3_options`)."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
+    with waiting(url), fs.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -99,7 +137,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it (temp + rename; one PUT on S3)."""
     fs, path = filesystem(url)
     if is_s3(url):
-        fs.pipe_file(path, data)
+        with waiting(url):
+            fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -234,21 +273,25 @@ class StoreWriter:
     """Writes a new store; ``finish`` marks it complete, ``abort`` removes it."""
 
     def __init__(self, url: str, meta: StoreMeta, overwrite: bool = False, chunk: int = 256) -> None:
-        if exists(join(url, "zarr.json")):
-            if not overwrite:
-                raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
-            remove(url)
+        if store_complete(url) and not overwrite:
+            raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
+        remove(url)  # a complete store being replaced, or what an interrupted ingest left
         self.url = url
         self.meta = meta
         self.chunk = chunk
         meta.complete = False
-        self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
-        self.root.attrs["cellmi"] = meta.to_json()
-        self.images = self.root.create_group("images")
+        with waiting(url):
+            self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
+            self.root.attrs["cellmi"] = meta.to_json()
+            self.images = self.root.create_group("images")
 
     def write_image(self, sample: str, field_id: str, pixels: np.ndarray, mask: np.ndarray) -> None:
         """Write one field: ``pixels`` (C, Y, X) uint16 and ``mask`` (Y, X) bool."""
         name = image_name(sample, field_id)
+        with waiting(join(self.url, "images", name)):
+            self._write_image(name, pixels, mask)
+
+    def _write_image(self, name: str, pixels: np.ndarray, mask: np.ndarray) -> None:
         _, h, w = pixels.shape
         group = self.images.create_group(name)
         chunks = (1, min(self.chunk, h), min(self.chunk, w))
@@ -268,11 +311,19 @@ class StoreWriter:
     def finish(self) -> StoreMeta:
         """Mark the store complete; readers accept it only from now on."""
         self.meta.complete = True
-        self.root.attrs["cellmi"] = self.meta.to_json()
+        with waiting(join(self.url, "zarr.json")):
+            self.root.attrs["cellmi"] = self.meta.to_json()
         return self.meta
 
-    def abort(self) -> None:
-        """Remove what was written so no half-written store is left behind."""
+    def abort(self, cause: BaseException | None = None) -> None:
+        """Remove what was written so no half-written store is left behind.
+
+        When the storage stopped answering (``cause`` is an infrastructure fault) nothing is
+        removed, since that would wait out the timeouts once more: the store stays marked
+        incomplete, which every reader refuses and the next ingest replaces.
+        """
+        if cause is not None and is_infrastructure(cause):
+            return
         remove(self.url)
 
 
@@ -284,26 +335,30 @@ class ImageStore:
         self.url = url
         if not exists(join(url, "zarr.json")):
             raise UserError(f"{url}: no image store here (run `cellmi ingest` first)")
-        self.root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
-        data = self.root.attrs.get("cellmi")
+        with waiting(url):
+            self.root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
+            data = self.root.attrs.get("cellmi")
         if data is None:
             raise UserError(f"{url}: not a cellmi image store (no cellmi metadata)")
         self.meta = StoreMeta.from_json(data)
         if not self.meta.complete:
             raise IncompleteStoreError(f"{url}: store is incomplete (ingest did not finish); re-run ingest")
 
+    def _read(self, key: str, index: Any = Ellipsis) -> np.ndarray:
+        with waiting(join(self.url, key)):
+            return self.root[key][index]
+
     def read_image(self, sample: str, field_id: str) -> np.ndarray:
         """Pixels of one field, (C, Y, X), as stored (uint16)."""
-        return self.root[f"images/{image_name(sample, field_id)}/0"][...]
+        return self._read(f"images/{image_name(sample, field_id)}/0")
 
     def read_channel(self, sample: str, field_id: str, index: int) -> np.ndarray:
         """One channel of one field, (Y, X), as stored; reads only that channel's chunks."""
-        return self.root[f"images/{image_name(sample, field_id)}/0"][index]
+        return self._read(f"images/{image_name(sample, field_id)}/0", index)
 
     def read_mask(self, sample: str, field_id: str) -> np.ndarray:
         """Foreground mask of one field, (Y, X) bool."""
-        arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]
-        return arr[...].astype(bool)
+        return self._read(f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0").astype(bool)
 
     def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(C, Y, X) raw, (Y, X) foreground -> float32 ``(log_c - mean_c) / std_c``.
@@ -328,3 +383,12 @@ class ImageStore:
 
 def open_store(url: str) -> ImageStore:
     return ImageStore(url)
+
+
+def store_complete(url: str) -> bool:
+    """Whether a Zarr group at ``url`` exists and its cellmi metadata say ``complete``."""
+    if not exists(join(url, "zarr.json")):
+        return False
+    with waiting(url):
+        group = zarr.open_group(zarr_store(url, read_only=True), mode="r")
+        return bool(group.attrs.get("cellmi", {}).get("complete"))

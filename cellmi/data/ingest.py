@@ -27,7 +27,17 @@ from cellmi.data.readers import read_image_file
 from cellmi.errors import UserError
 from cellmi.log import log, progress
 from cellmi.settings import IngestSettings, Settings, as_dict, digest
-from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, exists, filesystem, is_s3, join, provenance
+from cellmi.store import (
+    STORE_NAME,
+    StoreMeta,
+    StoreWriter,
+    filesystem,
+    is_s3,
+    join,
+    provenance,
+    read_bytes,
+    store_complete,
+)
 
 PRESETS = {
     # BBBC018: {well}-{channel}.DIB, well = 4-digit sample + 1-digit field, e.g. 00733-actin.DIB
@@ -111,10 +121,7 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
 
 
 def _read_url(url: str) -> np.ndarray:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
-        data = handle.read()
-    return read_image_file(data, url.rsplit("/", 1)[-1])
+    return read_image_file(read_bytes(url), url.rsplit("/", 1)[-1])
 
 
 def read_field(field: Field) -> np.ndarray:
@@ -233,8 +240,8 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
                 stats.add(pixels, mask)
         meta.stats, meta.pedestal = stats.result()
         return writer.finish()
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.abort(err)
         raise
 
 
@@ -293,7 +300,7 @@ def ingest_fingerprint(settings: Settings) -> dict[str, Any]:
 
 def refuse_existing(url: str, settings: Settings) -> None:
     """Refuse early, before any reading, to replace a store unless told to."""
-    if exists(join(url, "zarr.json")) and not (settings.ingest.overwrite or settings.force):
+    if store_complete(url) and not (settings.ingest.overwrite or settings.force):
         raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
 
 
