@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from cellmi.errors import InfrastructureError, UserError, first_line, is_infrastructure, no_answer
+from cellmi.errors import RETRY_NOTE, InfrastructureError, UserError, first_line, is_infrastructure, no_answer
 from cellmi.log import log, setup_logging
 from cellmi.settings import ENV_PREFIX, NESTED, Settings, as_dict, check_env, redact
 from cellmi.store import S3Limits, set_s3_limits
@@ -92,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         print(f"cellmi {job}: error: {describe_validation(err)}", file=sys.stderr)
         return 2
-    except (UserError, InfrastructureError) as err:
+    except UserError as err:
         print(redact(f"cellmi {job}: error: {err}"), file=sys.stderr)
+        return err.exit_code
+    except InfrastructureError as err:
+        log.debug("infrastructure fault", exc_info=True)
+        print(redact(f"cellmi {job}: error: {err}{RETRY_NOTE}"), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")

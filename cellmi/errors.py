@@ -54,10 +54,17 @@ def _transient_types() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
     kinds: list[type[BaseException]] = [TimeoutError, ConnectionError, InfrastructureError]
     never: list[type[BaseException]] = []
     try:
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+            SSLError,
+        )
         from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError, IncompleteReadError, SSLError
 
-        kinds += [HTTPClientError, IncompleteReadError, BotoConnectionError]
+        kinds += [ReadTimeoutError, ConnectionClosedError, ResponseStreamingError, IncompleteReadError]
+        kinds.append(BotoConnectionError)  # refused, connect timeout, proxy
         never.append(SSLError)
     except ImportError:  # pragma: no cover - s3fs brings botocore
         pass
@@ -96,16 +103,20 @@ def _is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, kinds):
         return True
+    wrapped = getattr(err, "kwargs", {}).get("error") if type(err).__name__ == "HTTPClientError" else None
+    if isinstance(wrapped, BaseException):  # botocore's wrapper of whatever the HTTP client raised
+        return _is_transient(wrapped)
     return isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNO
 
 
 def no_answer(what: str, seconds: float, reason: str = "") -> InfrastructureError:
-    """The one-line error of a wait that ended without an answer: what, for how long, why."""
+    """The error of a wait that ended without an answer: what was waited on, how long, why."""
     because = f" ({reason})" if reason else ""
-    return InfrastructureError(
-        f"no progress for {seconds:.0f} s waiting on {what}{because}; "
-        f"infrastructure fault, safe to retry (exit status {INFRA_EXIT})"
-    )
+    return InfrastructureError(f"no progress for {seconds:.0f} s waiting on {what}{because}")
+
+
+# The end of every line the CLI prints for an InfrastructureError.
+RETRY_NOTE = f"; infrastructure fault, safe to retry (exit status {INFRA_EXIT})"
 
 
 def first_line(err: BaseException) -> str:

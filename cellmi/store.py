@@ -89,7 +89,9 @@ def s3_options() -> dict[str, Any]:
 
 
 def _s3(asynchronous: bool = False) -> fsspec.AbstractFileSystem:
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, asynchronous=asynchronous, **s3_options())
+    # Zarr's async instances are shared (fsspec's cache, keyed by the options) as FsspecStore.from_url
+    # shares them; each would otherwise leave an open HTTP session behind.
+    fs = fsspec.filesystem("s3", skip_instance_cache=not asynchronous, asynchronous=asynchronous, **s3_options())
     # s3fs repeats a failed call 5 times on top of botocore's tries: 5 x the bound. botocore's
     # tries (with backoff) are the one retry policy.
     fs.retries = 1

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from cellmi.errors import INFRA_EXIT, InfrastructureError, first_line, is_infrastructure, no_answer
+from cellmi.errors import INFRA_EXIT, RETRY_NOTE, InfrastructureError, first_line, is_infrastructure, no_answer
 from cellmi.settings import TimeoutSettings, redact
 
 __all__ = ["Watchdog", "dask_config", "gather", "mark_progress", "set_stage", "waiting", "watch"]
@@ -103,7 +103,7 @@ class Watchdog:
 
     def line(self, what: str, seconds: float) -> str:
         reason = f"CELLMI_TIMEOUTS__STALL_S={self.stall_s:g}"
-        return redact(f"cellmi {self.stage}: error: {no_answer(what, seconds, reason)}")
+        return redact(f"cellmi {self.stage}: error: {no_answer(what, seconds, reason)}{RETRY_NOTE}")
 
     def start(self) -> None:
         poll = max(0.05, min(1.0, self.stall_s / 10))

@@ -31,6 +31,7 @@ from cellmi.store import (
     STORE_NAME,
     StoreMeta,
     StoreWriter,
+    exists,
     filesystem,
     is_s3,
     join,
@@ -38,6 +39,7 @@ from cellmi.store import (
     read_bytes,
     store_complete,
 )
+from cellmi.watchdog import waiting
 
 PRESETS = {
     # BBBC018: {well}-{channel}.DIB, well = 4-digit sample + 1-digit field, e.g. 00733-actin.DIB
@@ -67,9 +69,10 @@ def pattern_of(settings: IngestSettings) -> re.Pattern[str]:
 def list_files(source: str) -> list[str]:
     """Every file below ``source`` (local folder or s3:// prefix), as URLs, sorted."""
     fs, path = filesystem(source)
-    if not fs.exists(path) or not fs.isdir(path):
-        raise UserError(f"{source}: source folder does not exist")
-    found = sorted(fs.find(path))
+    with waiting(source):
+        if not fs.exists(path) or not fs.isdir(path):
+            raise UserError(f"{source}: source folder does not exist")
+        found = sorted(fs.find(path))
     return [f"s3://{p}" if is_s3(source) else p for p in found]
 
 
@@ -247,12 +250,10 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
 
 def read_phenotypes(source: str) -> dict[str, str]:
     """Known phenotype per sample from an optional ``phenotypes.json`` in the source folder."""
-    fs, path = filesystem(join(source, PHENOTYPE_FILE))
-    if not fs.exists(path):
+    if not exists(join(source, PHENOTYPE_FILE)):
         return {}
     try:
-        with fs.open(path, "rb") as handle:
-            data = json.load(handle)
+        data = json.loads(read_bytes(join(source, PHENOTYPE_FILE)))  # a timeout is no OSError here
     except (ValueError, OSError) as err:
         raise UserError(f"{join(source, PHENOTYPE_FILE)}: not a JSON object of sample -> phenotype ({err})") from None
     return {str(k): str(v) for k, v in data.items()}

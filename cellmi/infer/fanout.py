@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import dask
 from distributed import Client, LocalCluster, as_completed
 
-from cellmi.errors import INFRA_EXIT, InfrastructureError, UserError, first_line, is_infrastructure
+from cellmi.errors import InfrastructureError, UserError, first_line, is_infrastructure
 from cellmi.infer.task import InferJob, run_task
 from cellmi.log import log, progress
 from cellmi.settings import InferSettings, TimeoutSettings
@@ -68,8 +68,7 @@ def _connect(address: str, timeout_s: float) -> Client:
     except (OSError, TimeoutError) as err:
         raise InfrastructureError(
             f"cannot reach the Dask scheduler {address} within {timeout_s:g} s (CELLMI_INFER__SCHEDULER_ADDRESS or "
-            f"DASK_SCHEDULER_ADDRESS; CELLMI_TIMEOUTS__DASK_S): {first_line(err)}; "
-            f"safe to retry (exit status {INFRA_EXIT})"
+            f"DASK_SCHEDULER_ADDRESS; CELLMI_TIMEOUTS__DASK_S): {first_line(err)}"
         ) from None
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     log.info("connected to Dask scheduler %s (%d workers)", address, workers)
@@ -143,6 +142,4 @@ def task_failures(
         f"first {sample}_{field}: {type(err).__name__}: {err}; "
         "re-run to finish them (fields done before a failure are kept)"
     )
-    if all(infra):
-        return InfrastructureError(f"{message}; infrastructure fault, safe to retry (exit status {INFRA_EXIT})")
-    return UserError(message)
+    return InfrastructureError(message) if all(infra) else UserError(message)

@@ -18,40 +18,26 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import boto3
 import psutil
 import pytest
 
+from cellmi.errors import INFRA_EXIT
 from cellmi.representations import load_representations
 from cellmi.store import STORE_NAME, join
 from cellmi.train.checkpoint import load_encoder
 from tests.clirun import assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
+from tests.reliability.servers import AWS, MotoServer, Proxy, wait_for
 from tests.train.conftest import make_store as make_train_store
 from tests.train.conftest import tiny_settings
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
 
 
 # ---------------------------------------------------------------- a training worker killed under torchrun
@@ -122,109 +108,14 @@ def test_a_killed_torchrun_worker_is_restarted_and_resumes_from_its_checkpoint(t
 
 
 # ---------------------------------------------------------------- the S3 endpoint going away mid-inference
-class Proxy:
-    """A TCP forwarder in the test process between cellmi and a real S3 server.
-
-    ``close()`` is a network fault: open connections are reset and new ones refused. ``open()``
-    listens on the same port again, in front of the same server (and data). ``delay`` slows each
-    forwarded chunk, so that inference is still running when the fault comes.
-    """
-
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
-        self.target, self.delay, self.port = target_port, delay, free_port()
-        self.lock = threading.Lock()
-        self.conns: set[socket.socket] = set()
-        self.listener: socket.socket | None = None
-        self.stop = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def open(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(128)
-        sock.settimeout(0.05)
-        self.listener, self.stop = sock, threading.Event()
-        threading.Thread(target=self._accept, args=(sock, self.stop), daemon=True).start()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        with self.lock:
-            conns, self.conns = self.conns, set()
-        for conn in conns:
-            self._drop(conn)
-
-    def _accept(self, sock: socket.socket, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                client, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                self._drop(client)
-                continue
-            with self.lock:
-                if stop.is_set():
-                    self._drop(client)
-                    self._drop(upstream)
-                    return
-                self.conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if self.delay:
-                    time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(src)
-            self._drop(dst)
-
-    @staticmethod
-    def _drop(conn: socket.socket) -> None:
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        conn.close()
-
-
 @pytest.fixture
 def moto_process():
     """A moto S3 server in its own process on loopback; yields its port."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = MotoServer()
     try:
-        def up() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(up, 30, "the moto server", poll=0.05)
-        yield port
+        yield server.port
     finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-AWS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-       "AWS_DEFAULT_REGION": "us-east-1"}
+        server.stop()
 
 
 @pytest.mark.slow
@@ -253,7 +144,7 @@ def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_
 
     proxy = Proxy(moto_process, delay=0.01)
     proxy.open()
-    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "2"}
+    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, "CELLMI_TIMEOUTS__S3_ATTEMPTS": "2"}
     args = ("infer", "--workdir", workdir, "--infer.workers", "1", "--infer.retries", "1",
             "--infer.fields_per_task", "3")
     cmd = [sys.executable, "-m", "cellmi", *args]
@@ -273,7 +164,8 @@ def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_
     failed = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert_one_line_error(failed, "of 3 task(s) (", "failed after 1 retries",
                           f"endpoint URL: \"{proxy.url}/faults",  # which endpoint failed
-                          "re-run to finish them (fields done before a failure are kept)")
+                          "re-run to finish them (fields done before a failure are kept)",
+                          "infrastructure fault, safe to retry (exit status 75)", code=INFRA_EXIT)
     assert "Compute Failed" not in stderr  # the workers' tracebacks stay out of the user's terminal
     assert waited < 60, f"{waited:.0f} s from the fault to the error: retries are not bounded"
     done = markers()
