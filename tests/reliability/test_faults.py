@@ -1,5 +1,5 @@
-"""Faults with real parts: a training worker killed under torchrun, the S3 endpoint going away
-mid-inference, and the out-of-memory guard at the command line.
+"""Faults with real parts: a training worker killed under torchrun, the S3 endpoint going away or
+hanging mid-inference, and the out-of-memory guard at the command line.
 
 Also covered elsewhere (not repeated here):
 
@@ -33,24 +33,14 @@ from cellmi.train.checkpoint import load_encoder
 from tests.clirun import assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
-from tests.reliability.servers import AWS, MotoServer, Proxy, wait_for
+from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, wait_for
 from tests.train.conftest import make_store as make_train_store
-from tests.train.conftest import tiny_settings
+from tests.train.conftest import train_env
 
 pytestmark = pytest.mark.timeout(240)
 
 
 # ---------------------------------------------------------------- a training worker killed under torchrun
-def train_env(workdir: str, **train) -> dict[str, str]:
-    """``tiny_settings`` as CELLMI_* variables for a ``cellmi train`` process."""
-    settings = tiny_settings(workdir, **train)
-    env = {"CELLMI_WORKDIR": workdir}
-    for section in ("model", "train"):
-        for key, value in getattr(settings, section).model_dump().items():
-            env[f"CELLMI_{section}__{key}".upper()] = "null" if value is None else str(value).lower()
-    return clean_env(env)
-
-
 def sidecar_steps(folder: str) -> list[int]:
     """Steps of the checkpoints whose sidecar exists (the sidecar is written after the .pt)."""
     if not os.path.isdir(folder):
@@ -107,25 +97,34 @@ def test_a_killed_torchrun_worker_is_restarted_and_resumes_from_its_checkpoint(t
     assert logged == list(range(every, steps + 1, every))  # no step lost or logged twice across the restart
 
 
-# ---------------------------------------------------------------- the S3 endpoint going away mid-inference
+# ---------------------------------------------------------------- the S3 endpoint failing mid-inference
 @pytest.fixture
 def moto_process():
-    """A moto S3 server in its own process on loopback; yields its port."""
+    """A moto S3 server in its own process on loopback."""
     server = MotoServer()
     try:
-        yield server.port
+        yield server
     finally:
         server.stop()
 
 
+FAULTS = {
+    # connections reset, new ones refused (a restarting endpoint); then the same address again
+    "reset": (lambda proxy, moto: proxy.close(), lambda proxy, moto: proxy.open()),
+    # the server stops answering, connections stay open (a hung endpoint, a dead NAT path); then thawed
+    "frozen": (lambda proxy, moto: moto.freeze(), lambda proxy, moto: moto.thaw()),
+}
+
+
 @pytest.mark.slow
-def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_rest(
-    moto_process, monkeypatch
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_s3_failing_mid_inference_is_one_line_exit_75_and_a_rerun_computes_only_the_rest(
+    moto_process, monkeypatch, fault
 ):
-    moto = f"http://127.0.0.1:{moto_process}"
-    for key, value in {**AWS, "AWS_ENDPOINT_URL": moto}.items():
+    moto = moto_process
+    for key, value in {**AWS, "AWS_ENDPOINT_URL": moto.url}.items():
         monkeypatch.setenv(key, value)
-    s3 = boto3.client("s3", endpoint_url=moto)
+    s3 = boto3.client("s3", endpoint_url=moto.url)
     s3.create_bucket(Bucket="faults")
     workdir = "s3://faults/run"
     samples, fields = 3, 3
@@ -142,38 +141,40 @@ def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_
         listed = s3.list_objects_v2(Bucket="faults", Prefix="run/representations").get("Contents", [])
         return [o["Key"] for o in listed if not o["Key"].startswith("run/representations.parts/")]
 
-    proxy = Proxy(moto_process, delay=0.01)
+    proxy = Proxy(moto.port, delay=0.01)
     proxy.open()
-    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, "CELLMI_TIMEOUTS__S3_ATTEMPTS": "2"}
+    # Each S3 request is given up on after two tries of one second (the defaults: five of 20 s).
+    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, **FAST_S3}
     args = ("infer", "--workdir", workdir, "--infer.workers", "1", "--infer.retries", "1",
             "--infer.fields_per_task", "3")
     cmd = [sys.executable, "-m", "cellmi", *args]
+    break_it, mend_it = FAULTS[fault]
     proc = subprocess.Popen(cmd, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(markers()) >= 2 or proc.poll() is not None, 90, "two fields done", poll=0.05)
         assert proc.poll() is None, "inference finished before the fault: nothing was tested"
-        proxy.close()
+        break_it(proxy, moto)
         cut = time.monotonic()
         stdout, stderr = proc.communicate(timeout=90)
         waited = time.monotonic() - cut
     finally:
-        proxy.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        mend_it(proxy, moto)
     failed = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert_one_line_error(failed, "of 3 task(s) (", "failed after 1 retries",
-                          f"endpoint URL: \"{proxy.url}/faults",  # which endpoint failed
+                          f"waiting on {workdir}/",  # what was waited on
+                          f"endpoint URL: \"{proxy.url}/faults",  # at which endpoint
                           "re-run to finish them (fields done before a failure are kept)",
                           "infrastructure fault, safe to retry (exit status 75)", code=INFRA_EXIT)
     assert "Compute Failed" not in stderr  # the workers' tracebacks stay out of the user's terminal
-    assert waited < 60, f"{waited:.0f} s from the fault to the error: retries are not bounded"
+    assert waited < 45, f"{waited:.0f} s from the fault to the error: retries are not bounded"
     done = markers()
     assert 2 <= len(done) < samples * fields, sorted(done)
     assert outputs() == [], outputs()  # no representations written, let alone marked complete
 
-    proxy.delay = 0.0
-    proxy.open()  # the same server and data behind the same address, now at full speed
+    proxy.delay = 0.0  # the same server and data behind the same address, now at full speed
     try:
         again = cellmi(*args, env=env, timeout=120)
     finally:
