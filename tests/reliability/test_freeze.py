@@ -1,5 +1,5 @@
 """Hangs: the S3 server (moto, its own process on loopback) frozen with SIGSTOP in the middle of a
-stage and thawed with SIGCONT after it, and a Dask worker frozen the same way.
+stage and thawed with SIGCONT after it, and a Dask worker or scheduler frozen the same way.
 
 Each freeze ends the stage within its bound, with one line naming what it waited on and for how
 long, and exit status 75 (infrastructure, safe to retry); after the thaw the same command
@@ -11,6 +11,7 @@ test_faults.py (beside the endpoint that goes away).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +21,6 @@ from collections.abc import Callable
 
 import boto3
 import numpy as np
-import psutil
 import pytest
 
 from cellmi.data.readers import write_dib
@@ -33,7 +33,7 @@ from tests.analyze.conftest import make_store as make_analysis_store
 from tests.clirun import assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
-from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, wait_for
+from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, free_port, wait_for
 from tests.train.conftest import make_store as make_train_store
 from tests.train.conftest import train_env
 
@@ -104,8 +104,8 @@ def raw_folder(path, samples: int, fields: int, size: int = 64) -> dict[tuple[st
 
 
 # ---------------------------------------------------------------- ingest
-def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_on_a_slow_server_completes(moto, bucket, tmp_path):
-    truth = raw_folder(tmp_path / "raw", samples=4, fields=6)
+def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_completes(moto, bucket, tmp_path):
+    truth = raw_folder(tmp_path / "raw", samples=3, fields=1)
     workdir = f"s3://{bucket}/run"
     args = ["ingest", "--source", str(tmp_path / "raw"), "--workdir", workdir, "--ingest.n_test", "1"]
     env = {**AWS, "AWS_ENDPOINT_URL": moto.url, **FAST_S3}
@@ -113,7 +113,7 @@ def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_on_a_slow_server_compl
     def images() -> set[str]:
         return {k.split("/")[3] for k in keys(bucket, "run/store.zarr/images/") if k.count("/") > 3}
 
-    failed, waited = run_and_freeze(args, env, lambda: len(images()) >= 2, moto.freeze, moto.thaw)
+    failed, waited = run_and_freeze(args, env, lambda: len(images()) >= 1, moto.freeze, moto.thaw)
     assert_one_line_error(failed, "cellmi ingest: error: no progress for ", f"waiting on {workdir}/store.zarr",
                           "Read timeout on endpoint URL", RETRY, code=INFRA_EXIT)
     assert waited < BOUND_S, f"{waited:.0f} s from the freeze to the exit"
@@ -121,19 +121,8 @@ def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_on_a_slow_server_compl
     with pytest.raises(IncompleteStoreError):  # what was written is not taken as a store
         open_store(join(workdir, "store.zarr"))
 
-    # Again, through a proxy that delays every packet: each request takes ~0.2 s, well inside the
-    # 1 s read timeout, and the stage as a whole far longer than its 2 s stall limit.
-    proxy = Proxy(moto.port, delay=0.05)
-    proxy.open()
-    try:
-        slow = {**env, "AWS_ENDPOINT_URL": proxy.url, "CELLMI_TIMEOUTS__STALL_S": "2"}
-        start = time.monotonic()
-        again = cellmi(*args, env=slow, timeout=180)
-        took = time.monotonic() - start
-    finally:
-        proxy.close()
+    again = cellmi(*args, env=env, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]  # no overwrite needed: the old store was incomplete
-    assert took > 4, f"{took:.1f} s: the proxy did not slow the run down"
     store = open_store(join(workdir, "store.zarr"))
     assert store.meta.images() == sorted(truth)
     assert images() == {f"{s}_{f}" for s, f in truth}  # nothing left over from the first attempt
@@ -141,11 +130,29 @@ def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_on_a_slow_server_compl
         np.testing.assert_array_equal(store.read_image(sample, field), pixels)
 
 
+def test_a_slow_server_within_the_timeouts_is_no_fault(moto, bucket, tmp_path):
+    """Every packet delayed 0.1 s: each request waits ~0.2-0.4 s for its answer, the timeout is 1 s."""
+    truth = raw_folder(tmp_path / "raw", samples=2, fields=1)
+    workdir = f"s3://{bucket}/run"
+    proxy = Proxy(moto.port, delay=0.1)
+    proxy.open()
+    try:
+        start = time.monotonic()
+        proc = cellmi("ingest", "--source", str(tmp_path / "raw"), "--workdir", workdir, "--ingest.n_test", "1",
+                      env={**AWS, "AWS_ENDPOINT_URL": proxy.url, **FAST_S3}, timeout=180)
+        took = time.monotonic() - start
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert took > 4, f"{took:.1f} s: the proxy did not slow the run down"
+    assert open_store(join(workdir, "store.zarr")).meta.images() == sorted(truth)
+
+
 # ---------------------------------------------------------------- a checkpoint write
 def test_a_freeze_during_a_checkpoint_write_ends_in_bound_and_training_resumes(moto, bucket):
     workdir = f"s3://{bucket}/run"
     make_train_store(join(workdir, "store.zarr"))
-    steps, every = 40, 5
+    steps, every = 20, 5
     env = {**train_env(workdir, steps=steps, checkpoint_every=every, log_every=1000), **AWS,
            "AWS_ENDPOINT_URL": moto.url, **FAST_S3}
     folder = join(workdir, "checkpoints")
@@ -170,57 +177,70 @@ def test_a_freeze_during_a_checkpoint_write_ends_in_bound_and_training_resumes(m
     assert info["step"] == steps and info["stop_reason"] == "steps"
 
 
-# ---------------------------------------------------------------- a Dask worker
-def dask_workers(launcher: subprocess.Popen) -> list[psutil.Process]:
-    """The worker processes of the local Dask cluster that ``cellmi infer`` started."""
-    children = psutil.Process(launcher.pid).children(recursive=True)
-    return [p for p in children if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in
-            " ".join(p.cmdline())]
+# ---------------------------------------------------------------- Dask
+class DaskCluster:
+    """``dask scheduler`` and one ``dask worker`` (no nanny: the worker is that process) on loopback."""
+
+    def __init__(self) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        dask = os.path.join(os.path.dirname(sys.executable), "dask")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": clean_env()}
+        self.scheduler = subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                           self.address.rsplit(":", 1)[1], "--dashboard-address", ":0"], **quiet)
+        self.worker = subprocess.Popen([dask, "worker", self.address, "--no-nanny", "--nthreads", "1",
+                                        "--dashboard-address", ":0"], **quiet)
+        from distributed import Client
+
+        with Client(self.address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=60)
+            client.run(lambda: __import__("cellmi.infer.task"))  # torch loaded before any timing starts
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.scheduler):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
-def test_a_frozen_dask_worker_ends_inference_by_the_stall_limit_and_a_rerun_completes(tmp_path):
+@pytest.fixture(scope="module")
+def dask_cluster():
+    cluster = DaskCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize("part", ["worker", "scheduler"])
+def test_a_frozen_dask_worker_or_scheduler_ends_inference_by_the_stall_limit_and_a_rerun_completes(
+    dask_cluster, tmp_path, part
+):
     workdir = str(tmp_path / "run")
     samples, fields = 3, 3
     make_infer_store(join(workdir, "store.zarr"), samples=samples, fields=fields, size=96)
     write_checkpoint(join(workdir, "checkpoints"))
     parts = join(workdir, "representations.parts")
-    args = ["infer", "--workdir", workdir, "--infer.workers", "1", "--infer.fields_per_task", "1"]
-    env = {"CELLMI_TIMEOUTS__STALL_S": "3"}
-    frozen: list[psutil.Process] = []
-    cmd = [sys.executable, "-m", "cellmi", *args]
-    proc = subprocess.Popen(cmd, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["infer", "--workdir", workdir, "--infer.fields_per_task", "1"]
+    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster.address, "CELLMI_TIMEOUTS__STALL_S": "4"}
+    frozen = getattr(dask_cluster, part)
 
     def done() -> int:
         return len([n for n in os.listdir(parts) if n.endswith(".done")]) if os.path.isdir(parts) else 0
 
-    try:
-        wait_for(lambda: proc.poll() is not None or done() >= 1, 120, "a field done", poll=0.01)
-        assert proc.poll() is None, "inference finished before the freeze: nothing was tested"
-        frozen[:] = dask_workers(proc)
-        assert frozen, "no Dask worker process found"
-        for worker in frozen:
-            worker.suspend()  # SIGSTOP
-        start = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-        waited = time.monotonic() - start
-    finally:
-        for worker in frozen:
-            if worker.is_running():
-                worker.kill()  # its parent is gone; SIGKILL works on a stopped process
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    failed = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    line = assert_one_line_error(failed, "cellmi infer: error: no progress for ", "waiting on the Dask cluster tcp://",
-                                 "CELLMI_TIMEOUTS__STALL_S=3", RETRY, code=INFRA_EXIT)
-    assert 3 <= int(line.split("no progress for ")[1].split()[0]) < 10
+    failed, waited = run_and_freeze(args, env, lambda: done() >= 1, lambda: frozen.send_signal(signal.SIGSTOP),
+                                    lambda: frozen.send_signal(signal.SIGCONT))
+    line = assert_one_line_error(failed, "cellmi infer: error: no progress for ",
+                                 f"waiting on the Dask cluster {dask_cluster.address}", "CELLMI_TIMEOUTS__STALL_S=4",
+                                 RETRY, code=INFRA_EXIT)
+    assert 4 <= int(line.split("no progress for ")[1].split()[0]) < 10
     assert waited < 15, f"{waited:.0f} s from the freeze to the exit"
     kept = done()
     assert 1 <= kept < samples * fields
 
-    again = cellmi(*args, timeout=180)
+    # The thawed worker may still finish the field it held, for a client that is gone: a late
+    # duplicate, which the rerun must neither lose nor count twice.
+    again = cellmi(*args, env={"DASK_SCHEDULER_ADDRESS": dask_cluster.address}, timeout=180)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming: {kept} fields already done, {samples * fields - kept} to compute" in again.stderr
+    resumed = int(again.stderr.split("resuming: ")[1].split()[0])
+    assert kept <= resumed <= kept + 1
     reps = load_representations(join(workdir, "representations.zarr"))
     rows = list(zip(reps.table["sample"], reps.table["field"], reps.table["y"], reps.table["x"], strict=True))
     assert len(rows) == len(set(rows))
