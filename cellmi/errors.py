@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import errno
-import functools
+import sys
 
 INFRA_EXIT = 75
 # errno values of a storage endpoint or network that failed for now (s3fs maps S3's 5xx to EREMOTEIO)
@@ -48,7 +48,6 @@ class InfrastructureError(Exception):
     exit_code = INFRA_EXIT
 
 
-@functools.cache
 def _transient_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(timeout or lost-connection types, types that look like one but are not: TLS certificates)."""
     kinds: list[type[BaseException]] = [TimeoutError, ConnectionError, InfrastructureError]
@@ -74,12 +73,9 @@ def _transient_types() -> tuple[tuple[type[BaseException], ...], tuple[type[Base
         kinds += [ClientConnectionError, ClientPayloadError]
     except ImportError:  # pragma: no cover - s3fs brings aiohttp
         pass
-    try:
-        from distributed.comm.core import CommClosedError
-
-        kinds.append(CommClosedError)
-    except ImportError:  # pragma: no cover - a cellmi dependency
-        pass
+    comm = sys.modules.get("distributed.comm.core")  # not imported: no Dask connection to lose
+    if comm is not None:
+        kinds.append(comm.CommClosedError)
     return tuple(kinds), tuple(never)
 
 

@@ -14,6 +14,7 @@ last image is written; opening a store that is not complete is an error.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,7 @@ def s3_options() -> dict[str, Any]:
     jitter, at most 20 s between tries) ``attempts`` times in all; each try waits ``connect_s`` for
     the connection and ``read_s`` for each piece of the answer.
     """
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"session": _session()}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
@@ -86,6 +87,19 @@ def s3_options() -> dict[str, Any]:
         "read_timeout": _limits.read_s,
     }
     return options
+
+
+@functools.cache
+def _session() -> Any:
+    """The botocore session of every S3 client in this process, without ``Expect: 100-continue`` on
+    uploads: aiohttp waits for the server's "100 Continue" with no timeout, so an upload to an
+    endpoint that stopped answering would wait past every limit above."""
+    from aiobotocore.session import AioSession
+    from botocore.handlers import add_expect_header
+
+    session = AioSession()
+    session.unregister("before-call.s3", add_expect_header)
+    return session
 
 
 def _s3(asynchronous: bool = False) -> fsspec.AbstractFileSystem:

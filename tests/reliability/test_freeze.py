@@ -219,7 +219,7 @@ def test_a_frozen_dask_worker_or_scheduler_ends_inference_by_the_stall_limit_and
     write_checkpoint(join(workdir, "checkpoints"))
     parts = join(workdir, "representations.parts")
     args = ["infer", "--workdir", workdir, "--infer.fields_per_task", "1"]
-    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster.address, "CELLMI_TIMEOUTS__STALL_S": "4"}
+    env = {"DASK_SCHEDULER_ADDRESS": dask_cluster.address, "CELLMI_TIMEOUTS__STALL_S": "10"}
     frozen = getattr(dask_cluster, part)
 
     def done() -> int:
@@ -228,10 +228,10 @@ def test_a_frozen_dask_worker_or_scheduler_ends_inference_by_the_stall_limit_and
     failed, waited = run_and_freeze(args, env, lambda: done() >= 1, lambda: frozen.send_signal(signal.SIGSTOP),
                                     lambda: frozen.send_signal(signal.SIGCONT))
     line = assert_one_line_error(failed, "cellmi infer: error: no progress for ",
-                                 f"waiting on the Dask cluster {dask_cluster.address}", "CELLMI_TIMEOUTS__STALL_S=4",
+                                 f"waiting on the Dask cluster {dask_cluster.address}", "CELLMI_TIMEOUTS__STALL_S=10",
                                  RETRY, code=INFRA_EXIT)
-    assert 4 <= int(line.split("no progress for ")[1].split()[0]) < 10
-    assert waited < 15, f"{waited:.0f} s from the freeze to the exit"
+    assert 10 <= int(line.split("no progress for ")[1].split()[0]) < 20
+    assert waited < 20, f"{waited:.0f} s from the freeze to the exit"
     kept = done()
     assert 1 <= kept < samples * fields
 
