@@ -50,7 +50,8 @@ def make_raw(folder, samples=3, fields=2, size=64, skip=(), extra=()):
 
 
 def settings_for(src, work, **ingest):
-    return Settings(source=str(src), workdir=str(work), ingest={"n_test": 1, "workers": 2, **ingest})
+    return Settings(source=str(src), workdir=str(work), ingest={"n_test": 1, "workers": 2, **ingest},
+                    model={"crop": 32})
 
 
 def test_bbbc018_folder_becomes_a_complete_store(tmp_path):
@@ -156,12 +157,12 @@ def test_bad_inputs_are_listed_and_nothing_is_written(tmp_path, case):
 def test_generic_preset_duplicates_and_nan_are_reported_together(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    good = np.full((16, 16), 500, np.uint16)
+    good = np.full((32, 32), 500, np.uint16)
     for s in ("A", "B"):
         for c in CHANNELS:
             (raw / f"{s}_1_{c}.tif").write_bytes(_tiff(good))
     (raw / "A_1_DNA.png").write_bytes(_tiff(good))  # same (sample, field, channel) twice
-    nan = np.ones((16, 16), np.float32)
+    nan = np.ones((32, 32), np.float32)
     nan[0, 0] = np.nan
     (raw / "B_1_actin.tif").write_bytes(_tiff(nan))
     (raw / "notes.txt").write_text("ignored with a warning")
