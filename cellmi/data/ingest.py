@@ -17,6 +17,7 @@ written; a failure while writing removes the partial store.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from cellmi.data.illumination import MIN_FIELDS, FlatFields, corner_ratio, load_flats
+from cellmi.data.illumination import MIN_FIELDS, Check, FlatFields, corner_ratio, load_flats
 from cellmi.data.intensity import Levels, field_levels, log_intensity, store_pedestal
 from cellmi.data.layout import Field, by_field, channel_names, match_files, pattern_of, safe_id
 from cellmi.data.masks import foreground_mask
@@ -116,7 +117,7 @@ def group_files(files: list[str], settings: IngestSettings, platemap: PlateMap |
         problems = platemap.problems + problems + platemap.unused({(m.plate, m.well or "") for m in matches})
     if settings.label_by:
         labels = _labels(fields, settings.label_by, problems)
-    return Grouping(fields, channels, labels, problems)
+    return Grouping(fields, channels, labels, list(dict.fromkeys(problems)))  # one line per well, not per field
 
 
 def _column(name: str) -> str:
@@ -367,31 +368,38 @@ def illumination_flats(flats: FlatFields, settings: IngestSettings, channels: li
     if mode not in ("auto", "estimate"):
         chosen = load_flats(mode, plates, channels, shape)
         return chosen, _record("supplied", chosen, flats, source=mode)
-    chosen = {}
+    chosen, checks = {}, {}
     for plate in plates:
-        n = flats.fields(plate)
         label = f"plate {plate}" if plate else "the screen"
-        if n < MIN_FIELDS and (mode == "auto" or n < 2):
+        if flats.fields(plate) < 2:
             if mode == "estimate":
-                raise UserError(f"CELLMI_INGEST__ILLUMINATION=estimate: {label} has {n} field(s); "
+                raise UserError(f"CELLMI_INGEST__ILLUMINATION=estimate: {label} has {flats.fields(plate)} field(s); "
                                 "a flat-field needs several (use none or supply flat-fields)")
-            log.info("illumination: %s has %d fields, fewer than %d: not corrected", label, n, MIN_FIELDS)
             continue
-        if n < MIN_FIELDS:
-            log.warning("illumination: %s has only %d fields; the estimate may keep traces of cells", label, n)
-        chosen[plate] = flats.estimate(plate)
-    return chosen, _record(mode, chosen, flats)
+        checks[plate] = check = flats.check(plate)
+        if check.reliable or mode == "estimate":
+            chosen[plate] = flats.estimate(plate)
+        why = (f"{check.fields} fields, pattern {check.amplitude:.2f}, halves differ by {check.disagreement:.2f}")
+        if not check.reliable:
+            log.log(logging.WARNING if mode == "estimate" else logging.INFO, "illumination: %s: %s; %s", label, why,
+                    "corrected anyway (estimate)" if mode == "estimate" else
+                    f"not corrected (needs {MIN_FIELDS}+ fields and a pattern twice the halves' difference)")
+    return chosen, _record(mode, chosen, flats, checks)
 
 
-def _record(method: str, chosen: dict[str, np.ndarray], flats: FlatFields, source: str | None = None) -> dict:
-    plates = {plate: {"fields": flats.fields(plate), "corrected": plate in chosen,
-                      "centre_to_corner": [round(corner_ratio(c), 4) for c in chosen[plate]] if plate in chosen
-                      else None}
-              for plate in sorted(set(flats.shapes) | set(chosen))}
-    for plate, info in plates.items():
-        if info["corrected"]:
-            log.info("illumination: plate %s flat-field centre-to-corner %s", plate or "(one plate)",
-                     info["centre_to_corner"])
+def _record(method: str, chosen: dict[str, np.ndarray], flats: FlatFields, checks: dict[str, Check] | None = None,
+            source: str | None = None) -> dict[str, Any]:
+    """What the store records about the correction, per plate."""
+    plates = {}
+    for plate in sorted(set(flats.shapes) | set(chosen)):
+        info: dict[str, Any] = {"fields": flats.fields(plate), "corrected": plate in chosen}
+        if checks and plate in checks:
+            info.update(pattern=round(checks[plate].amplitude, 4), halves_differ=round(checks[plate].disagreement, 4))
+        if plate in chosen:
+            info["flat_centre_to_corner"] = [round(corner_ratio(c), 4) for c in chosen[plate]]
+            log.info("illumination: plate %s corrected, flat-field centre-to-corner %s", plate or "(one plate)",
+                     info["flat_centre_to_corner"])
+        plates[plate] = info
     return {"method": method, "plates": plates, **({"source": source} if source else {})}
 
 

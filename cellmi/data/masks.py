@@ -98,3 +98,23 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks of the same shape."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def iou_where_referenced(mask: np.ndarray, reference: np.ndarray, nuclei: np.ndarray) -> float:
+    """IoU against a reference cell mask that segmented only some of the cells.
+
+    CellProfiler's object masks leave out cells it discarded (touching the border, filtered by
+    size), so a mask of every cell is penalised for cells the reference never looked at. Here each
+    pixel belongs to its nearest nucleus (``nuclei``, (Y, X) bool, every nucleus); only pixels of
+    nuclei the reference covers (more than half of the nucleus inside ``reference``) are compared.
+    """
+    labels, count = ndimage.label(nuclei)
+    if not count:
+        return iou(mask, reference)
+    _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    covered = np.bincount(labels[reference].ravel(), minlength=count + 1)
+    referenced = covered > sizes / 2
+    referenced[0] = False
+    region = referenced[labels[rows, cols]]
+    return iou(mask[region], reference[region])
