@@ -27,7 +27,7 @@ def cells(seed, size=SIZE, n=6):
     yy, xx = np.mgrid[:size, :size]
     out = np.full((size, size), 200.0)
     for _ in range(n):
-        cy, cx, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(4, 8))]
+        (cy, cx), r = rng.integers(0, size, 2), int(rng.integers(4, 8))
         out[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2] += 1500
     return out + rng.normal(0, 5, out.shape)
 
