@@ -255,6 +255,7 @@ def restore_s3_limits():
     set_s3_limits(S3Limits())
 
 
+@pytest.mark.slow
 def test_a_freeze_while_clustering_writes_ends_in_bound_and_a_rerun_completes(
     moto, bucket, monkeypatch, capsys, restore_s3_limits
 ):
