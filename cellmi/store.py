@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,20 @@ def s3_options() -> dict[str, Any]:
         "retries": {"max_attempts": _limits.attempts, "mode": "standard"},
         "connect_timeout": _limits.connect_s,
         "read_timeout": _limits.read_s,
+        "connector_args": {"socket_factory": _socket},
     }
     return options
+
+
+def _socket(addr_info: Any) -> socket.socket:
+    """A TCP socket that gives up when data it sent stays unacknowledged, or unsent because the
+    peer stopped reading, for ``read_s``: aiohttp has no write timeout, so an upload larger than
+    the socket buffers to an endpoint that stopped answering would otherwise never end."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_limits.read_s * 1000))
+    return sock
 
 
 @functools.cache
