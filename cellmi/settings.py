@@ -389,7 +389,10 @@ class TimeoutSettings(Section):
 
     s3_connect_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
     s3_read_s: float = Field(
-        20.0, gt=0, description="Seconds an S3 request may wait for the next bytes of an answer before it is retried."
+        20.0,
+        gt=0,
+        description="Seconds an S3 request may wait for the next bytes of an answer (uploading: for the endpoint to "
+        "take the next bytes) before it is retried.",
     )
     s3_attempts: int = Field(
         5,

@@ -85,7 +85,7 @@ def s3_options() -> dict[str, Any]:
     if endpoint:
         options["endpoint_url"] = endpoint
     options["config_kwargs"] = {
-        "retries": {"max_attempts": _limits.attempts, "mode": "standard"},
+        "retries": {"total_max_attempts": _limits.attempts, "mode": "standard"},  # max_attempts: retries only
         "connect_timeout": _limits.connect_s,
         "read_timeout": _limits.read_s,
         "connector_args": {"socket_factory": _socket},
