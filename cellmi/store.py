@@ -95,12 +95,16 @@ def s3_options() -> dict[str, Any]:
 
 def _socket(addr_info: Any) -> socket.socket:
     """A TCP socket that gives up when data it sent stays unacknowledged, or unsent because the
-    peer stopped reading, for ``read_s``: aiohttp has no write timeout, so an upload larger than
-    the socket buffers to an endpoint that stopped answering would otherwise never end."""
+    peer stopped reading, for about ``read_s``: aiohttp has no write timeout, so an upload larger
+    than the socket buffers to an endpoint that stopped answering would otherwise never end.
+
+    Linux aborts a connection whose peer keeps a zero window only about twice TCP_USER_TIMEOUT
+    after it closed (measured: 41 s for 20 s, 11 s for 5 s), hence half of ``read_s``.
+    """
     family, kind, proto, _, _ = addr_info
     sock = socket.socket(family=family, type=kind, proto=proto)
     if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_limits.read_s * 1000))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_limits.read_s * 500))
     return sock
 
 

@@ -1,6 +1,7 @@
 """Real servers on loopback for fault tests: a moto S3 server in its own process (which a test can
 freeze with SIGSTOP and thaw with SIGCONT, as a hung endpoint or a dead NAT path behaves: its
-connections stay open, nothing answers) and a TCP proxy that can drop or slow the connection."""
+connections stay open, nothing answers), a TCP proxy that can drop or slow the connection, and a
+server that never answers and counts what it was asked."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from tests.clirun import clean_env
 
@@ -146,16 +145,41 @@ class MotoServer:
     def thaw(self) -> None:
         self.process.send_signal(signal.SIGCONT)
 
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
-        """Frozen inside the block, thawed after it whatever happens."""
-        self.freeze()
-        try:
-            yield
-        finally:
-            self.thaw()
-
     def stop(self) -> None:
         self.thaw()
         self.process.terminate()
         self.process.wait(timeout=10)
+
+
+class SilentServer:
+    """Accepts connections and reads requests, never answers (an endpoint that hangs); counts them."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[str] = []  # request lines, in arrival order
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(1 << 16):
+                    self.requests += [line for line in data.decode("latin-1").split("\r\n")
+                                      if line.endswith(" HTTP/1.1")]
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
