@@ -29,7 +29,8 @@ def to_png(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _palette(n: int) -> list:
+def cluster_palette(n: int) -> list:
+    """``n`` RGBA colours (tab10, or tab20 above 10): the clusters' colours in figures, report and napari maps."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab20" if n > 10 else "tab10"]
@@ -38,7 +39,7 @@ def _palette(n: int) -> list:
 
 def _scatter(ax, xy: np.ndarray, groups: np.ndarray, title: str, legend: bool) -> None:
     names = sorted(pd.unique(groups), key=str)
-    colours = _palette(len(names))
+    colours = cluster_palette(len(names))
     for colour, name in zip(colours, names, strict=True):
         pts = xy[groups == name]
         ax.scatter(pts[:, 0], pts[:, 1], s=4, color=colour, label=str(name), alpha=0.7, linewidths=0)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cellmi.colours import channel_colours
 from cellmi.data.intensity import Levels, field_levels, log_intensity, store_pedestal
 from cellmi.data.masks import foreground_mask
 from cellmi.data.readers import read_image_file
@@ -217,7 +218,8 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, np.n
     """
     cfg = settings.ingest
     meta.intensity = cfg.intensity
-    writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk)
+    writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk,
+                         colours=channel_colours(meta.channels, cfg.colors))
     stats = IntensityStats(cfg.intensity)
     workers = cfg.workers or os.cpu_count() or 1
 
