@@ -55,6 +55,6 @@ def describe(effects: pd.DataFrame, least: float = LEAST_EFFECT, most: int = MOS
     out = {}
     for k, row in effects[known].iterrows():
         strong = row[row.abs() >= least].dropna()
-        top = strong.reindex(strong.abs().sort_values(ascending=False).index)[:most]
+        top = strong.reindex(strong.abs().sort_values(ascending=False, kind="stable").index)[:most]
         out[int(k)] = [phrase(str(t), float(e)) for t, e in top.items()]
     return out

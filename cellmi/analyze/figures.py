@@ -65,8 +65,9 @@ def umap_figure(panels: list[Panel]) -> bytes:
 
 def confusion_figure(tables: list[tuple[str, pd.DataFrame]]) -> bytes:
     """Heat maps of cluster-by-sample count tables (rows clusters, columns samples), annotated."""
-    fig = Figure(figsize=(5.5 * len(tables), 4.8))
-    axes = fig.subplots(1, len(tables), squeeze=False)[0]
+    widths = [max(5.5, 1.5 + 0.12 * table.shape[1]) for _, table in tables]  # room for every sample's tick
+    fig = Figure(figsize=(sum(widths), max(4.8, 1.5 + 0.12 * max(t.shape[0] for _, t in tables))))
+    axes = fig.subplots(1, len(tables), squeeze=False, width_ratios=widths)[0]
     for ax, (title, table) in zip(axes, tables, strict=True):
         values = table.to_numpy()
         share = values / np.maximum(values.sum(axis=0, keepdims=True), 1)

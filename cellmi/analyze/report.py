@@ -42,7 +42,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#22
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}h3{font-size:1em;display:inline}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}.wide{overflow-x:auto}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;vertical-align:top}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}td.text,th.text{text-align:left}.best{font-weight:bold;background:#e8f4e8}
+td:first-child,th:first-child{text-align:left;white-space:nowrap}td.text,th.text{text-align:left}.best{font-weight:bold;background:#e8f4e8}
 img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
 pre{background:#f7f7f7;padding:.8em;font-size:.75em;overflow-x:auto}
 .strip img{image-rendering:pixelated;height:96px;max-width:none}.strip{overflow-x:auto}.muted{color:#777}
