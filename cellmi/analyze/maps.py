@@ -84,20 +84,16 @@ def write_maps(
     remove(url)
     root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
     colours, properties = label_colours(n_clusters)
-    names = []
     channel_colours = store.channel_colours()
+    names = []
     for (sample, field), rows in windows.groupby(["sample", "field"], sort=True):
         pixels = store.read_image(str(sample), str(field))
-        corners = rows[["y", "x"]].to_numpy(np.int64)
-        painted = paint(pixels.shape[1:], corners, window, rows["cluster"].to_numpy())
+        painted = paint(pixels.shape[1:], rows[["y", "x"]].to_numpy(np.int64), window, rows["cluster"].to_numpy())
+        mask = store.read_mask(str(sample), str(field)).astype(np.uint8)
         name = image_name(str(sample), str(field))
         image = write_ngff_image(root, name, pixels, store.meta.channels, channel_colours, chunk)
-        mask = store.read_mask(str(sample), str(field)).astype(np.uint8)
         write_ngff_labels(
-            image,
-            {CLUSTERS: painted, MASK_NAME: mask},
-            {CLUSTERS: colours, MASK_NAME: MASK_COLOURS},
-            chunk,
+            image, {CLUSTERS: painted, MASK_NAME: mask}, {CLUSTERS: colours, MASK_NAME: MASK_COLOURS}, chunk,
             {CLUSTERS: properties},
         )
         names.append(name)
