@@ -31,7 +31,7 @@ def make_store(
         split={s: "test" if s in TEST else "train" for s in samples},
         shape=(SIZE, SIZE),
         phenotypes={s: f"ph{i}" for i, s in enumerate(SAMPLES)},
-        stats={"mean": [6.0, 5.0, 6.0, 5.5][: len(channels)], "std": [1.0] * len(channels)},
+        stats={"mean": [6.0 - c % 2 for c in range(len(channels))], "std": [1.0] * len(channels)},
     )
     writer = StoreWriter(url, meta, colours=colours)
     rng = np.random.default_rng(1)
