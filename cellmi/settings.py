@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cellmi.colours import parse_pairs
 from cellmi.errors import UserError
 
 ENV_PREFIX = "CELLMI_"
@@ -129,7 +130,17 @@ class IngestSettings(Section):
         "cancels, channel ratios stay) or store (log1p of raw counts); both then standardised with the "
         "training samples' statistics.",
     )
+    colors: CsvList = Field(
+        [],
+        description="Display colour of channels as name=RRGGBB pairs (comma-separated, e.g. GFP=00FF00), kept in the "
+        "store's NGFF omero metadata and used by the report and napari. A channel not named here takes its name's "
+        "colour in the default palette (DNA/DAPI/Hoechst blue, actin/phalloidin red, GFP/pH3 green, RFP/mCherry/Mito "
+        "magenta, ER cyan, RNA yellow; docs/outputs.md), else the next unused of green, magenta, cyan, yellow, red, "
+        "blue, orange, white.",
+    )
 
+    _colors = field_validator("colors", mode="before")(_split_csv)
+    _colors_ok = field_validator("colors")(parse_pairs)
     _csv = field_validator("channels", "test_samples", "sample_by", mode="before")(_split_csv)
     _platemap_url = field_validator("platemap")(check_url)
 
@@ -373,6 +384,11 @@ class ClusterSettings(Section):
     seed: int = Field(0, description="Seed of UMAP, the mixture and subsampling.")
     apply_to: str | None = Field(
         None, description="Assign this representations table/store to the saved clusters instead of fitting."
+    )
+    maps: bool = Field(
+        True,
+        description="Write analysis/maps.zarr: each clustered field's channels with its window clusters as an NGFF "
+        "label image, for napari (a copy of those fields' pixels; false skips it).",
     )
 
     _url = field_validator("apply_to")(check_url)
