@@ -20,7 +20,9 @@ from cellmi.store import STORE_NAME, StoreMeta, exists, join, provenance, write_
 
 def _screen(settings: Settings):
     cfg = settings.synth
-    return synth_screen(cfg.samples, cfg.fields, cfg.size, cfg.seed, workers=settings.ingest.workers or 2)
+    return synth_screen(
+        cfg.samples, cfg.fields, cfg.size, cfg.seed, workers=settings.ingest.workers or 2, variation=cfg.variation
+    )
 
 
 def synth_store(settings: Settings, url: str) -> StoreMeta:
@@ -42,7 +44,9 @@ def synth_store(settings: Settings, url: str) -> StoreMeta:
         split=choose_split(samples, settings.ingest),
         shape=(cfg.size, cfg.size),
         phenotypes=phenotypes,
-        provenance=provenance(f"synthetic(seed={cfg.seed})", digest(ingest_fingerprint(settings))),
+        provenance=provenance(
+            f"synthetic(seed={cfg.seed}, variation={cfg.variation})", digest(ingest_fingerprint(settings))
+        ),
     )
     log.info("generating the synthetic screen: %d samples x %d fields, %d px", cfg.samples, cfg.fields, cfg.size)
     meta = write_store(url, meta, images(), cfg.samples * cfg.fields, settings)
