@@ -194,3 +194,19 @@ def test_more_fields_are_defocused_on_heldout_draws():
         share[level] = np.mean([it.defocus > 0 for it in items])
     assert 0.08 <= share["dev"] <= 0.22 and 0.18 <= share["heldout"] <= 0.35
     assert share["heldout"] > share["dev"]
+
+
+def test_the_setting_reaches_the_store(tmp_path, monkeypatch):
+    """CELLMI_SYNTH__VARIATION, as a user sets it, decides the pixels `cellmi ingest` stores."""
+    from cellmi.data.ingest import ingest
+    from cellmi.store import open_store
+
+    monkeypatch.setenv("CELLMI_SYNTH__VARIATION", "heldout")
+    settings = Settings(workdir=str(tmp_path), synth={"samples": 2, "fields": 1, "size": 64, "seed": 3},
+                        ingest={"n_test": 1, "workers": 1})
+    ingest(settings)
+    store = open_store(str(tmp_path / "store.zarr"))
+    assert "variation=heldout" in store.meta.provenance["source"]
+    for index in range(2):
+        expected = synth_field(index, 0, seed=3, size=64, variation="heldout").pixels
+        np.testing.assert_array_equal(store.read_image(store.meta.samples[index], "1"), expected)
