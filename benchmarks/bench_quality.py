@@ -307,11 +307,18 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 
 
 def metrics_table(rows: list[dict]) -> str:
-    lines = ["| metric | features | runs | mean | min | share meeting its bar |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        share = "-" if row["share_meeting"] is None else f"{row['share_meeting']:.0%}"
-        lines.append(f"| {row['metric']} | {row['features']} | {row['runs']} | {_num(row['mean'])} | "
-                     f"{_num(row['min'])} | {share} |")
+    """One line per metric: DIM's runs, mean, minimum and share meeting the bar; the baselines' means."""
+    found = {(r["metric"], r["features"]): r for r in rows}
+    lines = ["| metric | runs | DIM mean | DIM min | DIM share meeting the bar | random mean | hand-crafted mean |",
+             "|---|---|---|---|---|---|---|"]
+    for metric in METRICS:
+        dim = found.get((metric, "dim"))
+        if dim is None:
+            continue
+        share = "-" if dim["share_meeting"] is None else f"{dim['share_meeting']:.0%}"
+        base = [_num(found[(metric, b)]["mean"]) if (metric, b) in found else "-" for b in FEATURE_SETS[1:]]
+        lines.append(f"| {metric} | {dim['runs']} | {_num(dim['mean'])} | {_num(dim['min'])} | {share} | "
+                     + " | ".join(base) + " |")
     return "\n".join(lines)
 
 
