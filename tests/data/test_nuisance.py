@@ -21,6 +21,7 @@ from cellmi.data.nuisance import (
 )
 from cellmi.data.synth import synth_field, synth_screen
 from cellmi.settings import Settings, SynthSettings
+from tests.clirun import assert_one_line_error, cellmi
 
 # What the generator made before the nuisances existed (commit 4437060): the base level must keep it.
 BASE_DIGESTS = {"field 3/1 seed 7 96 px": "ee3e4cf7658c961e", "screen 14x2 seed 0 64 px": "317b315b6fb57111"}
@@ -53,6 +54,8 @@ def test_base_level_keeps_the_original_draw_bit_for_bit():
 
 def test_levels_match_the_setting_and_unknown_levels_are_refused():
     assert set(get_args(SynthSettings.model_fields["variation"].annotation)) == set(LEVELS)
+    proc = cellmi("config", env={"CELLMI_SYNTH__VARIATION": "wild"})
+    assert_one_line_error(proc, "CELLMI_SYNTH__VARIATION", "heldout")
     with pytest.raises(ValueError, match="variation level 'wild'"):
         synth_field(0, 0, size=64, variation="wild")
     with pytest.raises(ValueError, match="variation level"):
