@@ -1,4 +1,4 @@
-"""Run every benchmark and write one JSON + Markdown summary (what the README's tables show).
+"""Run every benchmark and write one JSON + Markdown summary (what docs/results.md shows).
 
     python benchmarks/run_all.py                      # all of them (about 45 minutes on 2 cores)
     python benchmarks/run_all.py --only train infer   # some of them

@@ -5,9 +5,11 @@ An image store is an OME-Zarr (NGFF 0.5, Zarr v3) hierarchy::
     store.zarr/                       root group, attributes["cellmi"] = store metadata
       images/{sample}_{field}/        NGFF image: array "0" with axes (c, y, x), omero channels
         labels/foreground/            NGFF label image: array "0" with axes (y, x), 1 = foreground
+      illumination/{i}                the flat-field divided out of plate attributes["plates"][i], (c, y, x)
 
 The store metadata lists channels, samples, fields, the train/test split, phenotypes (when
-known), per-channel intensity statistics and provenance. ``complete`` turns true only after the
+known), per-field metadata columns (plate, well, plate map), what the illumination correction
+did, per-channel intensity statistics and provenance. ``complete`` turns true only after the
 last image is written; opening a store that is not complete is an error.
 """
 
@@ -129,6 +131,9 @@ class StoreMeta:
     complete: bool = False
     intensity: str = "store"  # cellmi.data.intensity mode; stores written before it existed used "store"
     pedestal: list[float] = field(default_factory=list)  # per channel, "field" mode only
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # image name -> Metadata_* columns
+    illumination: dict[str, Any] = field(default_factory=dict)  # what the flat-field correction did
+    float_scale: float | None = None  # floating-point input was multiplied by this into the 16-bit range
 
     @property
     def samples(self) -> list[str]:
@@ -144,6 +149,10 @@ class StoreMeta:
         """(sample, field) pairs of a split in store order."""
         return [(s, f) for s in self.samples_in(split) for f in self.fields[s]]
 
+    def metadata_columns(self) -> list[str]:
+        """The per-field ``Metadata_*`` columns (plate, well, plate-map columns), in first-seen order."""
+        return list(dict.fromkeys(c for row in self.metadata.values() for c in row))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "channels": self.channels,
@@ -154,6 +163,9 @@ class StoreMeta:
             "stats": self.stats,
             "intensity": self.intensity,
             "pedestal": self.pedestal,
+            "metadata": self.metadata,
+            "illumination": self.illumination,
+            "float_scale": self.float_scale,
             "provenance": self.provenance,
             "complete": self.complete,
         }
@@ -171,6 +183,9 @@ class StoreMeta:
             complete=bool(data.get("complete", False)),
             intensity=str(data.get("intensity", "store")),
             pedestal=[float(v) for v in data.get("pedestal", [])],
+            metadata={k: dict(v) for k, v in data.get("metadata", {}).items()},
+            illumination=dict(data.get("illumination", {})),
+            float_scale=data.get("float_scale"),
         )
 
 
@@ -264,6 +279,14 @@ class StoreWriter:
                                   dimension_names=("y", "x"))
         marr[...] = mask.astype(np.uint8)
         label.attrs.update(_label_attrs(MASK_NAME))
+
+    def write_flat(self, plate: str, flat: np.ndarray) -> None:
+        """The flat-field divided out of one plate's fields, (C, Y, X) float32, under ``illumination/``."""
+        group = self.root.require_group("illumination")
+        arr = group.create_array(str(len(group.attrs.get("plates", []))), shape=flat.shape, dtype="float32",
+                                 chunks=(1, *flat.shape[1:]), dimension_names=("c", "y", "x"))
+        arr[...] = flat
+        group.attrs["plates"] = [*group.attrs.get("plates", []), plate]
 
     def finish(self) -> StoreMeta:
         """Mark the store complete; readers accept it only from now on."""

@@ -77,6 +77,7 @@ from cellmi.log import log
 from cellmi.representations import (
     REPR_ZARR,
     Representations,
+    field_columns,
     load_representations,
     read_parquet,
     write_parquet,
@@ -363,10 +364,12 @@ def profile_split(
 
 
 # ---------------------------------------------------------------- tables
-def _meta(table: pd.DataFrame, phen: dict[str, str], columns: tuple[str, ...]) -> dict[str, Any]:
+def _meta(table: pd.DataFrame, phen: dict[str, str], columns: tuple[str, ...],
+          fmeta: dict[str, dict[str, str]] | None) -> dict[str, Any]:
     out = {f"Metadata_{c}": table[c].to_numpy() for c in columns}
     if phen:
         out["Metadata_phenotype"] = table["sample"].astype(str).map(phen).to_numpy()
+    out.update(field_columns(table, fmeta))
     return out
 
 
@@ -377,18 +380,22 @@ def window_frame(
     z: np.ndarray,
     phen: dict[str, str],
     others: dict[str, np.ndarray],
+    fmeta: dict[str, dict[str, str]] | None = None,
 ) -> pd.DataFrame:
-    """One row per window: Metadata_* columns, cluster, probability, umap_*, cluster_<baseline>."""
-    data = _meta(table, phen, ("sample", "field", "y", "x", "split", "fg_fraction"))
+    """One row per window: Metadata_* columns (the field's too), cluster, probability, umap_*,
+    cluster_<baseline>."""
+    data = _meta(table, phen, ("sample", "field", "y", "x", "split", "fg_fraction"), fmeta)
     data.update(cluster=labels, probability=prob)
     data.update({f"umap_{i}": z[:, i] for i in range(z.shape[1])})
     data.update({f"cluster_{name}": values for name, values in others.items()})
     return pd.DataFrame(data)
 
 
-def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str]) -> pd.DataFrame:
-    """One row per field: Metadata_* columns, n_windows, cluster, share, cluster_vote, cluster_profile."""
-    data = _meta(fields, phen, ("sample", "field", "split"))
+def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str],
+                fmeta: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
+    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, cluster, share,
+    cluster_vote, cluster_profile."""
+    data = _meta(fields, phen, ("sample", "field", "split"), fmeta)
     data.update(
         n_windows=fields["n_windows"].to_numpy(),
         cluster=fields[f"cluster_{default}"].to_numpy(),
@@ -616,14 +623,15 @@ def write_outputs(
     url: str,
 ) -> None:
     cfg, dim, phen = settings.cluster, results["dim"], phenotype_map(reps)
+    fmeta = reps.attrs.get("field_metadata")
     with timed("tables and model", timings):
         save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
         baseline_labels = {n: r.labels for n, r in results.items() if n != "dim"}
         write_parquet(
             join(out, "clusters_windows.parquet"),
-            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
+            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels, fmeta),
         )
-        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen))
+        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen, fmeta))
     other_split = next(iter(OTHER_SPLITS[cfg.split]), None)
     other = (other_split, others[f"dim/{other_split}"][1]) if f"dim/{other_split}" in others else None
     with timed("figures", timings):
@@ -679,9 +687,11 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     phen = phenotype_map(reps)
     target = join(out, APPLIED)
     write_parquet(
-        join(target, "clusters_windows.parquet"), window_frame(reps.table, labels, prob, z, phen, {})
+        join(target, "clusters_windows.parquet"),
+        window_frame(reps.table, labels, prob, z, phen, {}, reps.attrs.get("field_metadata")),
     )
-    write_parquet(join(target, "clusters_images.parquet"), image_frame(fields, bundle["image_labels"], phen))
+    write_parquet(join(target, "clusters_images.parquet"),
+                  image_frame(fields, bundle["image_labels"], phen, reps.attrs.get("field_metadata")))
     samples = reps.table["sample"].astype(str).to_numpy()
     metrics = {
         "source": url,
