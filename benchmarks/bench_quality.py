@@ -211,6 +211,7 @@ def collect(run: Run, workdir: Path) -> dict | None:
         **asdict(run),
         "name": run.name,
         "overrides": record["identity"]["overrides"],
+        "quick": record["identity"]["quick"],
         "wall_s": record.get("wall_s"),
         "stages_s": {k: v["seconds"] for k, v in stages.items()},
         "scores": run_scores,
@@ -347,6 +348,11 @@ def table(results: list[dict]) -> str:
               "heldout": "Held-out draws (reported; never used for choices)",
               "seeds": "Training seeds on one held-out draw-split"}
     parts = []
+    changed = sorted({item for r in results for item in r.get("overrides", [])})
+    if changed:
+        parts.append("Settings changed from the defaults: " + ", ".join(f"`{c}`" for c in changed) + "\n")
+    if any(r.get("quick") for r in results):
+        parts.append("Quick runs (`cellmi run --quick` data and training): a smoke test, not a measurement.\n")
     for suite, title in titles.items():
         if suite not in summary:
             continue

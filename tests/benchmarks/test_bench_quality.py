@@ -117,6 +117,9 @@ def test_summary_gives_mean_min_share_and_each_bar():
     assert summary["dev"]["metrics"][0]["runs"] == 1 and "bars" not in summary["dev"]
     markdown = bq.table(held + seeds)
     assert "Held-out draws" in markdown and "| h9 |" in markdown and "not met" in markdown
+    assert "changed from the defaults" not in markdown
+    held[0]["overrides"] = ["train.threads=2"]
+    assert "Settings changed from the defaults: `train.threads=2`" in bq.table(held)
 
 
 def test_a_bar_fails_when_one_run_too_many_misses_it():
@@ -147,7 +150,8 @@ def test_quick_protocol_runs_reports_and_then_resumes_instead_of_repeating(tmp_p
     assert run["scores"]["dim"]["all-sample field NN accuracy"] is not None
     checked = {c["metric"] for c in report["summary"]["heldout"]["bars"]}
     assert checked >= {"held-out image ARI", "DIM above both baselines"}
-    assert "Held-out draws" in (tmp_path / "quality-quick.md").read_text()
+    markdown = (tmp_path / "quality-quick.md").read_text()
+    assert "Held-out draws" in markdown and "Quick runs" in markdown
     run_json = tmp_path / "quality-quick" / "heldout-d6-s0-t0" / "run.json"
     before = run_json.stat().st_mtime_ns
     again = protocol()
