@@ -58,6 +58,13 @@ class SynthSettings(Section):
     samples: int = Field(14, ge=2, le=14, description="Number of samples (one phenotype each, at most 14).")
     fields: int = Field(4, ge=1, le=16, description="Fields of view per sample.")
     size: int = Field(512, ge=64, le=4096, description="Field height and width in pixels.")
+    variation: Literal["base", "dev", "heldout"] = Field(
+        "base",
+        description="Plate-, well- and field-level nuisances of real screens added to the draw (density, "
+        "stain drift, per-channel vignetting, focus, debris, uneven background, cell size and shape, touching "
+        "colonies): base adds none (the original generator, bit for bit), dev the development draws' "
+        "variation, heldout wider, for the held-out draws; ranges in docs/quality-protocol.md.",
+    )
     raw_out: str | None = Field(
         None,
         description="Write BBBC018-style .DIB files to this folder (local or s3://) instead of a store.",
