@@ -205,7 +205,15 @@ class TrainSettings(Section):
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
-    cache_fields: int = Field(64, ge=1, description="Fields held in each process's read cache.")
+    memory_gb: float = Field(
+        4.0,
+        gt=0,
+        description="Memory for prepared training fields per process (GiB, on the training device): a set that "
+        "does not fit is walked in shards of whole samples, two held at once.",
+    )
+    shard_epochs: int = Field(
+        4, ge=1, description="Passes over a shard's samples before moving on to the next shard (when sharded)."
+    )
     seed: int = Field(0, description="Base seed; each process uses seed + rank.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
@@ -216,8 +224,8 @@ class TrainSettings(Section):
     loader_threads: int = Field(
         0,
         ge=0,
-        description="Threads cutting and augmenting crops per process; 0: one on CPU, on a GPU up to 8 "
-        "(the cores left per process), since one thread cannot feed a GPU.",
+        description="Threads making batches ahead of the step per process (each a few batched tensor operations "
+        "on the training device); 0 means one.",
     )
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
     log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cellmi.log import log, progress
-from cellmi.settings import Settings, TrainSettings
+from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
 from cellmi.train.data import Batch, CropLoader
@@ -27,7 +27,6 @@ __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_trai
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SIGNAL_EXIT = 128 + signal.SIGTERM
-MAX_GPU_LOADERS = 8  # crop-loading threads per process on a GPU when train.loader_threads is 0
 
 
 @dataclass
@@ -88,15 +87,6 @@ def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def loader_threads(cfg: TrainSettings, dist: DistInfo) -> int:
-    """Crop-loading threads: as set, else one on CPU and up to 8 per process on a GPU."""
-    if cfg.loader_threads:
-        return cfg.loader_threads
-    if dist.device.type != "cuda":
-        return 1
-    return min(MAX_GPU_LOADERS, _cores_per_process(dist))
-
-
 @contextmanager
 def sigterm_flag() -> Iterator[dict[str, bool]]:
     """{"set": True} once SIGTERM arrives (preemption), so the loop can checkpoint and stop."""
@@ -137,11 +127,12 @@ def resume(trainer: Trainer, ckpt_dir: str, store: ImageStore, dist: DistInfo) -
     return trainer.step, state["stop_reason"]
 
 
-def _record(trainer: Trainer, values: torch.Tensor, crops_per_s: float) -> dict[str, Any]:
+def _record(trainer: Trainer, values: torch.Tensor, crops_per_s: float, busy: float) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": trainer.step,
         "time_s": round(trainer.train_seconds, 3),
         "crops_per_s": round(crops_per_s, 2),
+        "busy": round(busy, 4),
     }
     record.update({name: round(float(v), 6) for name, v in zip(METRICS, values.tolist(), strict=True)})
     return record
@@ -163,6 +154,7 @@ class _Run:
     window_start: float = field(default_factory=time.perf_counter)
     window_sum: torch.Tensor | None = None  # METRICS summed over the steps since the last log line
     window_steps: int = 0
+    window_wait: float = 0.0  # seconds the loop waited for batches since the last log line
 
     @property
     def ckpt_dir(self) -> str:
@@ -182,7 +174,8 @@ def _start(settings: Settings, dist: DistInfo, threads: int) -> _Run:
     saved = resume(trainer, ckpt_dir, store, dist)
     wrap_distributed(trainer, dist)
     loader = CropLoader(
-        store, settings.train, settings.model.crop, dist.rank, dist.world, loader_threads(settings.train, dist)
+        store, settings.train, settings.model.crop, dist.rank, dist.world, settings.train.loader_threads or 1,
+        dist.device,
     )
     main = dist.rank == 0
     metrics = MetricsLog(join(ckpt_dir, METRICS_FILE), keep_until=trainer.step) if main else None
@@ -217,20 +210,23 @@ def _save(run: _Run, stop: str | None) -> str:
 def _log(run: _Run, values: torch.Tensor) -> None:
     """Metrics averaged over the steps since the last line and over ranks (every rank takes part);
     rank 0 writes and shows them."""
-    rate = run.crops_per_step * run.window_steps / (time.perf_counter() - run.window_start)
+    elapsed = time.perf_counter() - run.window_start
+    rate = run.crops_per_step * run.window_steps / elapsed
     values = mean_over_ranks(values)
-    run.result.last_metrics = _record(run.trainer, values, rate)
+    run.result.last_metrics = _record(run.trainer, values, rate, 1 - run.window_wait / elapsed)
     if run.metrics is not None:
         run.metrics.add(run.result.last_metrics)
     run.bar.set_postfix(loss=f"{float(values[0]):.4f}", crops_s=f"{rate:.0f}")
-    run.window_start, run.window_sum, run.window_steps = time.perf_counter(), None, 0
+    run.window_start, run.window_sum, run.window_steps, run.window_wait = time.perf_counter(), None, 0, 0.0
 
 
 def _step(run: _Run, batches: Iterator[Batch]) -> None:
     """One step on the next batch; the time budget counts the wait for it."""
     cfg, trainer = run.settings.train, run.trainer
     started = time.perf_counter()
-    values = train_step(trainer, next(batches), cfg, run.dist)
+    batch = next(batches)
+    run.window_wait += time.perf_counter() - started
+    values = train_step(trainer, batch, cfg, run.dist)
     trainer.step += 1
     trainer.train_seconds += time.perf_counter() - started
     run.window_sum = values if run.window_sum is None else run.window_sum + values
