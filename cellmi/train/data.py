@@ -44,6 +44,7 @@ __all__ = [
     "batch_sample_ids",
     "content_size",
     "crop_content",
+    "dihedral",
     "field_bytes",
     "gaussian_blur",
     "plan_shards",
@@ -334,26 +335,36 @@ def _tail(pixels: int) -> int:
 def crop_content(pixels: Tensor, masks: Tensor) -> Tensor:
     """(M, C, H, W) normalised crops, (M, H, W) masks -> (M, 3C + 1) float32: per channel the foreground
     mean, standard deviation and 95th percentile (linear interpolation, as numpy), then the foreground
-    share; a crop without foreground uses all its pixels. Sums in float64, so the statistics do not
-    depend on the order of the pixels (a rotated crop has the same content)."""
+    share; a crop without foreground uses all its pixels.
+
+    Sums are float32 matrix products (full precision: training never enables TF32), the percentile
+    one top-k selection per crop and channel.
+    """
     m, c = pixels.shape[:2]
     values = pixels.reshape(m, c, -1)
     fg = masks.reshape(m, 1, -1)
-    share = fg.sum(-1, dtype=torch.float64) / fg.shape[-1]
-    used = fg | (share == 0).unsqueeze(-1)
-    n = used.sum(-1, dtype=torch.float64)
-    mean = torch.where(used, values, 0).sum(-1, dtype=torch.float64) / n
-    deviation = torch.where(used, values - mean.float().unsqueeze(-1), 0)
-    std = (deviation.square().sum(-1, dtype=torch.float64) / n).sqrt()
-    top = torch.where(used, values, -torch.inf).topk(min(_tail(values.shape[-1]), values.shape[-1]), -1).values
-    position = (n - 1) * (CONTENT_PERCENTILE / 100)
+    count = fg.sum(-1)
+    weight = (fg | (count == 0).unsqueeze(-1)).to(values.dtype)  # (M, 1, P): the pixels that count
+    n = weight.sum(-1)
+    mean = torch.bmm(values, weight.transpose(1, 2)).squeeze(-1) / n
+    deviation = (values - mean.unsqueeze(-1)).mul_(weight).reshape(m * c, 1, -1)
+    std = (torch.bmm(deviation, deviation.transpose(1, 2)).reshape(m, c) / n).sqrt()
+    tail = _percentile(values + weight.log(), n)  # log(0) = -inf: pixels that do not count sort last
+    return torch.cat([mean, std, tail, count / values.shape[-1]], dim=1).float()
+
+
+def _percentile(values: Tensor, n: Tensor) -> Tensor:
+    """(M, C, P) values whose n (M, 1) largest count, the rest -inf -> (M, C) CONTENT_PERCENTILE of those
+    n, interpolated as numpy's default (``linear``) method does."""
+    m, c, pixels = values.shape
+    top = values.topk(min(_tail(pixels), pixels), -1).values.double()  # descending
+    position = (n.double() - 1) * (CONTENT_PERCENTILE / 100)
     below = position.floor()
     above = torch.minimum(below + 1, n - 1)
-    a = top.gather(-1, (n - 1 - below).long().expand(m, c).unsqueeze(-1)).squeeze(-1).double()
-    b = top.gather(-1, (n - 1 - above).long().expand(m, c).unsqueeze(-1)).squeeze(-1).double()
+    a = top.gather(-1, (n - 1 - below).long().expand(m, c).unsqueeze(-1)).squeeze(-1)
+    b = top.gather(-1, (n - 1 - above).long().expand(m, c).unsqueeze(-1)).squeeze(-1)
     t = position - below
-    tail = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
-    return torch.cat([mean, std, tail, share], dim=1).float()
+    return torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
 
 
 def _reflect_index(size: int, radius: int, device: torch.device) -> Tensor:
@@ -379,7 +390,8 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
     """
     m, c, h, w = images.shape
     radius = int(BLUR_TRUNCATE * float(sigmas.max()) + 0.5)
-    kernels = torch.from_numpy(_gaussian_kernels(sigmas, radius)).to(images.device, images.dtype)
+    kernels = torch.from_numpy(_gaussian_kernels(sigmas, radius).astype(np.float32))
+    kernels = kernels.to(images.device, non_blocking=True)
     weight = kernels.repeat_interleave(c, dim=0)[:, None]  # (M * C, 1, K)
     x = images.reshape(1, m * c, h, w)
     x = x.index_select(2, _reflect_index(h, radius, images.device))
@@ -389,19 +401,32 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
     return x.reshape(m, c, h, w)
 
 
-def _dihedral(images: Tensor, masks: Tensor, turns: np.ndarray, flips: np.ndarray) -> None:
-    """In place: crop i rotated by ``turns[i]`` quarter turns, then mirrored left-right if ``flips[i]``
-    (np.rot90, then [..., ::-1]); one operation per distinct transform in the batch."""
-    for turn, flip in {(int(t), int(f)) for t, f in zip(turns, flips, strict=True)}:
-        if turn == 0 and not flip:
+# (quarter turns, mirror) -> (axes to flip, then transpose?): np.rot90(x, turns, (-2, -1)), then
+# x[..., ::-1] when mirrored, as one flip and a transposed view.
+_DIHEDRAL = {
+    (0, 1): ((-1,), False),
+    (1, 0): ((-1,), True),
+    (1, 1): ((-2, -1), True),
+    (2, 0): ((-2, -1), False),
+    (2, 1): ((-2,), False),
+    (3, 0): ((-2,), True),
+    (3, 1): ((), True),
+}
+
+
+def dihedral(images: Tensor, masks: Tensor, turns: np.ndarray, flips: np.ndarray) -> None:
+    """In place on (M, C, H, W) images and (M, H, W) masks (H = W): crop i rotated by ``turns[i]``
+    quarter turns (as np.rot90), then mirrored left-right if ``flips[i]``; one operation per
+    distinct transform in the batch."""
+    for (turn, flip), (axes, transpose) in _DIHEDRAL.items():
+        chosen = np.flatnonzero((turns == turn) & (flips == flip))
+        if not len(chosen):
             continue
-        index = torch.from_numpy(np.flatnonzero((turns == turn) & (flips == flip))).to(images.device)
-        pixels = torch.rot90(images.index_select(0, index), turn, (-2, -1))
-        mask = torch.rot90(masks.index_select(0, index), turn, (-2, -1))
-        if flip:
-            pixels, mask = pixels.flip(-1), mask.flip(-1)
-        images.index_copy_(0, index, pixels)
-        masks.index_copy_(0, index, mask)
+        index = _device_index(chosen, images.device)
+        for tensor in (images, masks):
+            part = tensor.index_select(0, index)
+            part = part.flip(axes) if axes else part
+            tensor.index_copy_(0, index, part.transpose(-2, -1) if transpose else part)
 
 
 def _device_index(values: np.ndarray, device: torch.device) -> Tensor:
@@ -509,7 +534,7 @@ class CropLoader:
         return Batch(
             images.reshape(b, n, *images.shape[1:]),
             masks.reshape(b, n, *masks.shape[1:]),
-            torch.from_numpy(ids),
+            _device_index(ids, self.device),
             content.view(b, n, -1),
         )
 
@@ -548,7 +573,7 @@ class CropLoader:
         """In place: random quarter turns and mirror, then microscope nuisances (``_nuisance``)."""
         m = len(images)
         turns, flips = rng.integers(4, size=m), rng.integers(2, size=m)
-        _dihedral(images, masks, turns, flips)
+        dihedral(images, masks, turns, flips)
         self._nuisance(images, rng)
 
     def _nuisance(self, images: Tensor, rng: np.random.Generator) -> None:

@@ -42,7 +42,7 @@ def test_loss_leaves_jsd_chance_within_a_bounded_number_of_steps(workdir):
     assert sum(last) / len(last) < JSD_CHANCE - 0.3, last
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
     assert state["step"] == 120 and state["stop_reason"] == "steps"
-    assert all(r["crops_per_s"] > 0 and r["gamma"] <= 0.1 for r in records)
+    assert all(r["crops_per_s"] > 0 and r["gamma"] <= 0.1 and 0 < r["busy"] <= 1 for r in records)
 
 
 def test_time_budget_stops_training_and_is_recorded(workdir):
@@ -73,6 +73,8 @@ def test_time_budget_counts_the_wait_for_data(workdir, monkeypatch):
     assert main(tiny_settings(workdir, steps=100_000, time_budget_s=1.0, checkpoint_every=1000)) == 0
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
     assert state["stop_reason"] == "time_budget" and 1 <= state["step"] <= 8, state["step"]
+    busy = sorted(r["busy"] for r in metrics(workdir))  # the loop mostly waited for data, and says so
+    assert busy[0] >= 0 and busy[len(busy) // 2] < 0.5, busy
 
 
 def test_resume_refuses_another_architecture(workdir):
