@@ -128,8 +128,24 @@ class IngestSettings(Section):
         return value
 
 
+# Encoder size presets (model.size): the widths they set unless given explicitly. Compute per crop grows
+# about 4x per step up; large and xl are meant for GPUs, whose headroom the base model leaves unused.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "base": {"width": 16, "local_dim": 128, "critic_dim": 256},
+    "large": {"width": 32, "local_dim": 256, "critic_dim": 512},
+    "xl": {"width": 64, "local_dim": 512, "critic_dim": 1024},
+}
+
+
 class ModelSettings(Section):
     """Encoder architecture (saved with every checkpoint)."""
+
+    size: Literal["base", "large", "xl"] = Field(
+        "base",
+        description="Size preset: base (width 16, local_dim 128, critic_dim 256), large (32, 256, 512) or xl "
+        "(64, 512, 1024), about 1x, 4x and 16x the compute per crop; width, local_dim and critic_dim given "
+        "explicitly win.",
+    )
 
     crop: int = Field(
         256, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride); the window too."
@@ -145,6 +161,14 @@ class ModelSettings(Section):
         description="Global vector from the plain mean of the local map, or weighted by each position's foreground.",
     )
     critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_preset(cls, data: Any) -> Any:
+        """Fill width, local_dim and critic_dim from the size preset where they are not given."""
+        if isinstance(data, dict) and isinstance(data.get("size"), str) and data["size"] in MODEL_SIZES:
+            return {**MODEL_SIZES[data["size"]], **data}
+        return data
 
 
 def _none_word(value: Any) -> Any:
