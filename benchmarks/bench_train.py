@@ -1,20 +1,31 @@
-"""Training speed: crops/s with 1 and 2 processes, FLOPs per crop, achieved FLOP/s against matmul peak.
+"""Training speed: the input pipeline (old loader against new, 50 against 500 fields, busy share), crops/s
+with 1 and 2 processes, FLOPs per crop, achieved FLOP/s against matmul peak.
 
-    python benchmarks/bench_train.py                  # default model and batch (crop 128, B=8, N=4)
+    python benchmarks/bench_train.py                  # everything (default model and batch: crop 256, B=8, N=4)
+    python benchmarks/bench_train.py --parts input    # the input pipeline only (a few minutes on 2 cores)
     python benchmarks/bench_train.py --steps 120 --set model.width=32 --tag w32
-    python benchmarks/bench_train.py --layouts 2x1 --repeats 1 --no-probe
+    python benchmarks/bench_train.py --parts input --device cuda --tag gpu --input-n 4 32 64 --sizes base large
 
-Makes a synthetic store once (benchmarks/out/train-work/store.zarr, 14 samples x 2 fields, 512 px),
-then runs ``cellmi train`` as 1 process (1 and 2 threads) and ``torchrun --nproc-per-node 2 -m cellmi
-train``, each from scratch, best of --repeats. Crops/s is the steady rate after the first logged
-interval, from metrics.jsonl. Also probes, on untrained encoders, how much crop intensity and
-foreground share survive mean/max pooling with and without batch-norm in the trunk.
-Writes benchmarks/out/train[-tag].json and prints a Markdown table.
+Input pipeline (``--parts input``): in one process, the step loop of ``cellmi train`` (prefetching loader,
+``train_step``) with today's defaults, on three stores made once under benchmarks/out/train-input: the
+synthetic screen (14 samples x 4 fields, 512 px, 40 training fields), and 10 and 100 training samples x 5
+fields of 384 x 512 cut from it (50 and 500 fields). "old" is the loader of commit OLD_REF (per-crop numpy
+in one thread, a 64-field cache), loaded from git; "new" is this checkout's. Busy is the share of the
+loop's wall time not spent waiting for a batch; "vs compute" is the loop's crops/s over the crops/s of the
+same steps on one batch held fixed. On a GPU only "new" runs (no git there), at several N.
+
+Layouts (``--parts layouts``): makes a synthetic store once (benchmarks/out/train-work/store.zarr, 14
+samples x 2 fields, 512 px), then runs ``cellmi train`` as 1 process (1 and 2 threads) and ``torchrun
+--nproc-per-node 2 -m cellmi train``, each from scratch, best of --repeats. Crops/s is the steady rate after
+the first logged interval, from metrics.jsonl. ``--parts probe``: how much crop intensity and foreground
+share survive mean/max pooling with and without batch-norm in the trunk, on untrained encoders.
+Writes benchmarks/out/train[-tag].json and prints Markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -23,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,6 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 OUT = Path(__file__).resolve().parent / "out"
 WORK = OUT / "train-work"
+INPUT = OUT / "train-input"
+OLD_REF = "4437060"  # main before the prepared-field loader (issue 15): its cellmi/train/data.py is "old"
 
 
 def clean_env(overrides: list[str], workdir: Path) -> dict[str, str]:
@@ -80,23 +94,28 @@ def machine_peak(cores: int) -> dict:
     }
 
 
+def settings_for(overrides: list[str], workdir: Path):
+    """Settings as ``cellmi train`` would read them from CELLMI_* variables with these overrides."""
+    from cellmi.settings import Settings
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(clean_env(overrides, workdir))
+    try:
+        return Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def flops_per_crop(overrides: list[str]) -> tuple[float, dict]:
     """FLOPs of one training step (encoder + critics forward/backward, prior step) divided by its crops."""
-    from cellmi.settings import Settings
     from cellmi.train.data import Batch, content_size
     from cellmi.train.distributed import DistInfo
     from cellmi.train.state import build_trainer
     from cellmi.train.step import train_step
 
-    env = clean_env(overrides, WORK)
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        settings = Settings()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    settings = settings_for(overrides, WORK)
     cfg, crop = settings.train, settings.model.crop
     trainer = build_trainer(settings, 3, torch.device("cpu"))
     b, n = cfg.batch_samples, cfg.fields_per_sample
@@ -238,7 +257,208 @@ def pooling_probe(crops: int = 512, seeds: int = 3) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- input pipeline
+def screen_store() -> Path:
+    """The default synthetic screen (``cellmi synth``), made once."""
+    workdir = INPUT / "screen"
+    if not (workdir / "store.zarr" / "zarr.json").exists():
+        subprocess.run([sys.executable, "-m", "cellmi", "synth"], env=clean_env([], workdir), check=True,
+                       capture_output=True)
+    return workdir
+
+
+def field_set(name: str, samples: int, fields: int, shape: tuple[int, int]) -> Path:
+    """A store of ``samples`` training samples x ``fields`` fields of ``shape``, cut from the screen's fields
+    (so the pixels, masks and intensity statistics are the synthetic screen's), made once."""
+    from cellmi.store import StoreMeta, StoreWriter, open_store
+
+    workdir = INPUT / name
+    url = workdir / "store.zarr"
+    if (url / "zarr.json").exists():
+        return workdir
+    source = open_store(str(screen_store() / "store.zarr"))
+    images = source.meta.images()
+    ids = [f"s{i:04d}" for i in range(samples)]
+    meta = StoreMeta(channels=list(source.meta.channels), fields={s: [str(f + 1) for f in range(fields)] for s in ids},
+                     split=dict.fromkeys(ids, "train"), shape=shape, stats=source.meta.stats,
+                     intensity=source.meta.intensity, pedestal=source.meta.pedestal)
+    writer = StoreWriter(str(url), meta, overwrite=True)
+    for k, (sample, field) in enumerate((s, str(f + 1)) for s in ids for f in range(fields)):
+        at = images[k % len(images)]
+        y = (k // len(images)) % (source.meta.shape[0] - shape[0] + 1)  # another cut on each pass over the screen
+        pixels, mask = source.read_image(*at), source.read_mask(*at)
+        writer.write_image(sample, field, pixels[:, y : y + shape[0], : shape[1]], mask[y : y + shape[0], : shape[1]])
+    writer.finish()
+    return workdir
+
+
+def old_loader(ref: str) -> types.ModuleType | None:
+    """cellmi/train/data.py of commit ``ref`` as a module, or None without git or that commit."""
+    done = subprocess.run(["git", "show", f"{ref}:cellmi/train/data.py"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    if done.returncode:
+        return None
+    path = INPUT / f"data_{ref}.py"
+    path.write_text(done.stdout)
+    spec = importlib.util.spec_from_file_location(f"cellmi_data_{ref}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps(trainer, batches, settings, dist, steps: int) -> tuple[float, float]:
+    """Wall seconds of ``steps`` training steps on ``batches`` and the seconds spent waiting for them."""
+    from cellmi.train.step import train_step
+
+    _sync(dist.device)
+    wait, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        asked = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - asked
+        train_step(trainer, batch, settings.train, dist)
+    _sync(dist.device)
+    return time.perf_counter() - start, wait
+
+
+def loop_rate(make_loader, settings, dist, steps: int, warmup: int) -> dict:
+    """Crops/s and busy share of the step loop fed by ``make_loader()``, then crops/s of the same steps on one
+    batch held fixed (the loop's compute alone)."""
+    from itertools import repeat
+
+    from cellmi.train.state import build_trainer
+
+    cfg = settings.train
+    crops = cfg.batch_samples * cfg.fields_per_sample
+    started = time.perf_counter()
+    loader = make_loader()
+    prepare = time.perf_counter() - started
+    try:
+        trainer = build_trainer(settings, len(loader.store.meta.channels), dist.device)
+        batches = loader.batches(0)
+        _steps(trainer, batches, settings, dist, warmup)
+        wall, wait = _steps(trainer, batches, settings, dist, steps)
+        fixed, _ = _steps(trainer, repeat(next(batches)), settings, dist, steps)
+    finally:
+        loader.close()
+    return {
+        "crops_per_s": round(steps * crops / wall, 1),
+        "busy": round(1 - wait / wall, 3),
+        "compute_crops_per_s": round(steps * crops / fixed, 1),
+        "vs_compute": round(fixed / wall, 3),
+        "prepare_s": round(prepare, 1),
+    }
+
+
+def input_runs(args) -> list[dict]:
+    """The runs of the input benchmark, interleaved old/new per store and repeat; best of the repeats."""
+    from cellmi.store import open_store
+    from cellmi.train.data import CropLoader
+    from cellmi.train.distributed import DistInfo
+    from cellmi.train.loop import torch_threads
+
+    device = torch.device(args.device)
+    dist = DistInfo(0, 1, 0, 1, device)
+    old = old_loader(args.old_ref) if device.type == "cpu" else None
+    stores = {"screen": screen_store()} if device.type == "cuda" else {
+        "screen": screen_store(),
+        "fields50": field_set("fields50", 10, 5, (384, 512)),
+        "fields500": field_set("fields500", 100, 5, (384, 512)),
+    }
+    variants = [("new", [])]
+    if old is not None:
+        variants.insert(0, ("old", []))
+    if device.type == "cpu":
+        variants.append(("new, shards", ["train.memory_gb=0.5"]))
+    results: dict[tuple, list[dict]] = {}
+    for _ in range(args.repeats):
+        for set_name, workdir in stores.items():
+            for n in args.input_n:
+                for size in args.sizes:
+                    for loader_name, extra in variants:
+                        if extra and set_name != "fields500":
+                            continue
+                        overrides = [f"train.fields_per_sample={n}", f"model.size={size}", *extra, *args.set]
+                        settings = settings_for(overrides, workdir)
+                        store = open_store(str(workdir / "store.zarr"))
+                        cfg, crop = settings.train, settings.model.crop
+                        threads = cfg.loader_threads or 1
+                        if loader_name == "old":
+                            shim = types.SimpleNamespace(**cfg.model_dump(), cache_fields=64)
+
+                            def make(shim=shim, store=store, crop=crop):
+                                return old.CropLoader(store, shim, crop, 0, 1, 1)
+                        else:
+                            def make(cfg=cfg, store=store, crop=crop, threads=threads):
+                                return CropLoader(store, cfg, crop, 0, 1, threads, device)
+                        with torch_threads(cfg.threads, dist) as torch_count:
+                            run = loop_rate(make, settings, dist, args.input_steps, args.warmup)
+                        run.update(store=set_name, loader=loader_name, fields=len(store.meta.images("train")),
+                                   n=n, size=size, crops_per_step=cfg.batch_samples * n, torch_threads=torch_count)
+                        print(json.dumps(run), flush=True)
+                        results.setdefault((set_name, loader_name, n, size), []).append(run)
+    best = []
+    for tries in results.values():
+        run = max(tries, key=lambda r: r["crops_per_s"])  # the machine is shared: best of the repeats
+        run["crops_per_s_all"] = [r["crops_per_s"] for r in tries]
+        best.append(run)
+    return best
+
+
+def input_ratios(runs: list[dict]) -> dict:
+    """The targets of issue 15 as ratios: new over old on the screen, 500 over 50 fields."""
+    rate = {(r["store"], r["loader"], r["n"], r["size"]): r["crops_per_s"] for r in runs}
+    out = {}
+    for (store, loader, n, size), value in rate.items():
+        old = rate.get((store, "old", n, size))
+        if loader == "new" and old:
+            out[f"new/old {store} N={n} {size}"] = round(value / old, 2)
+        small = rate.get(("fields50", loader, n, size))
+        if store == "fields500" and small and loader != "new, shards":
+            out[f"500/50 fields {loader} N={n} {size}"] = round(value / small, 2)
+    return out
+
+
+def input_table(section: dict) -> str:
+    rows = [
+        "| store | training fields | loader | N | size | crops/step | torch threads | crops/s | busy "
+        "| vs compute | compute crops/s | prepare (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in section["runs"]:
+        rows.append(
+            f"| {r['store']} | {r['fields']} | {r['loader']} | {r['n']} | {r['size']} | {r['crops_per_step']} "
+            f"| {r['torch_threads']} | {r['crops_per_s']:.0f} | {r['busy'] * 100:.0f}% | {r['vs_compute'] * 100:.0f}% "
+            f"| {r['compute_crops_per_s']:.0f} | {r['prepare_s']:.1f} |"
+        )
+    rows += ["", "| ratio | value |", "|---|---|"]
+    rows += [f"| {name} | {value:.2f}x |" for name, value in section["ratios"].items()]
+    rows.append("")
+    rows.append(f"Device: {section['device']}; {section['steps']} steps per run after {section['warmup']}, "
+                f"best of {section['repeats']}.")
+    return "\n".join(rows)
+
+
 def table(report: dict) -> str:
+    parts = []
+    if "input" in report:
+        parts.append(input_table(report["input"]))
+    if "runs" in report:
+        parts.append(layout_table(report))
+    probe = report.get("pooling_probe_r2")
+    if probe:
+        rows = ["| untrained encoder variant | R^2 crop intensity | R^2 foreground share |", "|---|---|---|"]
+        rows += [f"| {name} | {v['intensity']:.2f} | {v['foreground']:.2f} |" for name, v in probe.items()]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def layout_table(report: dict) -> str:
     rows = [
         "| processes x threads | crops/step | crops/s | GFLOP/s achieved | % of matmul peak "
         "| loss first -> last |",
@@ -257,35 +477,13 @@ def table(report: dict) -> str:
         f"width {model['width']}, B={model['batch_samples']} x N={model['fields_per_sample']}; "
         f"matmul peak {report['matmul_peak_gflops']:.1f} GFLOP/s ({report['machine']['cpus']} cores)"
     )
-    probe = report.get("pooling_probe_r2")
-    if probe:
-        rows += [
-            "",
-            "| untrained encoder variant | R^2 crop intensity | R^2 foreground share |",
-            "|---|---|---|",
-        ]
-        rows += [f"| {name} | {v['intensity']:.2f} | {v['foreground']:.2f} |" for name, v in probe.items()]
     return "\n".join(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument(
-        "--layouts",
-        nargs="+",
-        default=["1x2", "1x1", "2x1"],
-        help="PROCESSESxTHREADS runs (default: 1x2 1x1 2x1)",
-    )
-    parser.add_argument("--set", action="append", default=[], help="section.field=value override")
-    parser.add_argument("--no-probe", action="store_true", help="skip the pooling/normalisation probe")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per layout; the best is reported")
-    parser.add_argument("--tag", default="")
-    args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+def layouts(args) -> dict:
+    """``cellmi train`` as 1 and 2 processes: crops/s, achieved FLOP/s against the matmul peak."""
     make_store()
-    cpus = os.cpu_count() or 1
-    peaks = machine_peak(cpus)
+    peaks = machine_peak(os.cpu_count() or 1)
     peak = peaks["peak"]
     flops, model = flops_per_crop(args.set)
     runs = []
@@ -297,22 +495,51 @@ def main() -> None:
         run["achieved_gflops"] = round(flops * run["crops_per_s"] / 1e9, 2)
         run["peak_fraction"] = round(run["achieved_gflops"] / peak, 3)
         runs.append(run)
-    report = {
+    return {"matmul_peak_gflops": round(peak, 1), "matmul_peaks": peaks, "gflop_per_crop": round(flops / 1e9, 4),
+            "model": model, "runs": runs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=["input", "layouts", "probe"],
+                        default=["input", "layouts", "probe"])
+    parser.add_argument("--steps", type=int, default=60, help="steps of each layout run")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["1x2", "1x1", "2x1"],
+        help="PROCESSESxTHREADS runs (default: 1x2 1x1 2x1)",
+    )
+    parser.add_argument("--set", action="append", default=[], help="section.field=value override")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per layout or input run; the best is reported")
+    parser.add_argument("--device", default="cpu", help="device of the input runs: cpu or cuda")
+    parser.add_argument("--input-steps", type=int, default=30, help="timed steps of each input run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each input run")
+    parser.add_argument("--input-n", type=int, nargs="+", default=[4], help="fields per sample (N) of the input runs")
+    parser.add_argument("--sizes", nargs="+", default=["base"], help="model.size of the input runs")
+    parser.add_argument("--old-ref", default=OLD_REF, help="commit whose loader is 'old'")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    INPUT.mkdir(parents=True, exist_ok=True)
+    report: dict = {
         "machine": {
-            "cpus": cpus,
+            "cpus": os.cpu_count() or 1,
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg_1m": round(os.getloadavg()[0], 2),
         },
-        "matmul_peak_gflops": round(peak, 1),
-        "matmul_peaks": peaks,
-        "gflop_per_crop": round(flops / 1e9, 4),
-        "model": model,
         "settings": args.set,
-        "runs": runs,
     }
-    if not args.no_probe:
+    if "input" in args.parts:
+        runs = input_runs(args)
+        report["input"] = {"device": report["machine"]["gpu"] or args.device, "steps": args.input_steps,
+                           "warmup": args.warmup, "repeats": args.repeats, "runs": runs, "ratios": input_ratios(runs)}
+    if "layouts" in args.parts:
+        report.update(layouts(args))
+    if "probe" in args.parts:
         report["pooling_probe_r2"] = pooling_probe()
     tag = f"-{args.tag}" if args.tag else ""
     (OUT / f"train{tag}.json").write_text(json.dumps(report, indent=2))

@@ -285,15 +285,24 @@ class ShardPlan:
         return int(self.order(round_)[position])
 
 
+def _thread_pool(threads: int, name: str, device: torch.device) -> ThreadPoolExecutor:
+    """Worker threads whose current CUDA device is ``device`` (so no context lands on another GPU)."""
+    def start() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name, initializer=start)
+
+
 class ResidentShards:
     """Prepared shards held in memory, at most ``keep``; loads happen on one background thread."""
 
-    def __init__(self, load, keep: int = 2) -> None:
+    def __init__(self, load, device: torch.device, keep: int = 2) -> None:
         self._load = load
         self._keep = keep
         self._items: OrderedDict[int, Future[Shard]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellmi-shards")
+        self._pool = _thread_pool(1, "cellmi-shards", device)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -505,13 +514,13 @@ class CropLoader:
         ]
         shards = plan_shards(sample_bytes, int(cfg.memory_gb * GIB), cfg.batch_samples)
         self.plan = ShardPlan(shards, cfg.batch_samples, world, cfg.shard_epochs, cfg.seed)
-        self.resident = ResidentShards(self._load)
+        self.resident = ResidentShards(self._load, self.device)
         if len(shards) > 1:
             log.info("training fields in %d shards of whole samples (train.memory_gb=%g)", len(shards), cfg.memory_gb)
         else:
             self.resident.get(0)  # prepared now: the first step does not wait, bad fields fail early
         self.threads = max(1, threads)
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="cellmi-crops")
+        self._pool = _thread_pool(self.threads, "cellmi-crops", self.device)
 
     def _load(self, shard: int) -> Shard:
         return prepare_shard(self.store, self.samples, list(self.plan.shards[shard]), self.crop, self.device)
