@@ -44,6 +44,8 @@ __all__ = [
     "batch_sample_ids",
     "content_size",
     "crop_content",
+    "cut_numpy",
+    "cut_tensor",
     "dihedral",
     "field_bytes",
     "gaussian_blur",
@@ -346,41 +348,59 @@ def crop_content(pixels: Tensor, masks: Tensor) -> Tensor:
     mean, standard deviation and 95th percentile (linear interpolation, as numpy), then the foreground
     share; a crop without foreground uses all its pixels.
 
-    Sums are float32 matrix products (full precision: training never enables TF32), the percentile
-    one top-k selection per crop and channel.
+    Sums are float32 matrix products (full precision: training never enables TF32); the two values
+    around the percentile are selected with numpy on the CPU, by one top-k per crop and channel elsewhere.
     """
     m, c = pixels.shape[:2]
     values = pixels.reshape(m, c, -1)
-    fg = masks.reshape(m, 1, -1)
-    count = fg.sum(-1)
-    weight = (fg | (count == 0).unsqueeze(-1)).to(values.dtype)  # (M, 1, P): the pixels that count
-    n = weight.sum(-1)
+    weight = masks.reshape(m, 1, -1).to(values.dtype)
+    count = weight.sum(-1)
+    weight += (count == 0).to(values.dtype).unsqueeze(-1)  # (M, 1, P): 1 for the pixels that count
+    used, n = weight.bool(), weight.sum(-1)
     mean = torch.bmm(values, weight.transpose(1, 2)).squeeze(-1) / n
     deviation = (values - mean.unsqueeze(-1)).mul_(weight).reshape(m * c, 1, -1)
     std = (torch.bmm(deviation, deviation.transpose(1, 2)).reshape(m, c) / n).sqrt()
-    tail = _percentile(values + weight.log(), n)  # log(0) = -inf: pixels that do not count sort last
-    return torch.cat([mean, std, tail, count / values.shape[-1]], dim=1).float()
-
-
-def _percentile(values: Tensor, n: Tensor) -> Tensor:
-    """(M, C, P) values whose n (M, 1) largest count, the rest -inf -> (M, C) CONTENT_PERCENTILE of those
-    n, interpolated as numpy's default (``linear``) method does."""
-    m, c, pixels = values.shape
-    top = values.topk(min(_tail(pixels), pixels), -1).values.double()  # descending
     position = (n.double() - 1) * (CONTENT_PERCENTILE / 100)
     below = position.floor()
-    above = torch.minimum(below + 1, n - 1)
-    a = top.gather(-1, (n - 1 - below).long().expand(m, c).unsqueeze(-1)).squeeze(-1)
-    b = top.gather(-1, (n - 1 - above).long().expand(m, c).unsqueeze(-1)).squeeze(-1)
+    above = torch.minimum(below + 1, n.double() - 1)
+    select = _order_numpy if values.device.type == "cpu" else _order_topk
+    a, b = select(values, used, below.long(), above.long())
     t = position - below
-    return torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+    tail = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's lerp
+    return torch.cat([mean, std, tail.float(), count / values.shape[-1]], dim=1)
 
 
-def _reflect_index(size: int, radius: int, device: torch.device) -> Tensor:
-    """Indices of a 1-D axis padded by ``radius`` on both sides, mirrored as scipy's ``reflect`` (d c b a | a b)."""
-    index = torch.arange(-radius, size + radius, device=device)
-    index = torch.where(index < 0, -index - 1, index)
-    return torch.where(index >= size, 2 * size - 1 - index, index)
+def _order_topk(values: Tensor, used: Tensor, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, C, P) values, (M, 1, P) which count, ascending ranks (M, 1) among those -> the values of both
+    ranks, (M, C) float64 each, from one top-k selection of the largest (any device)."""
+    m, c, pixels = values.shape
+    top = torch.where(used, values, -torch.inf).topk(min(_tail(pixels), pixels), -1).values  # descending
+    last = used.sum(-1) - 1
+    pick = [top.gather(-1, (last - rank).expand(m, c).unsqueeze(-1)).squeeze(-1) for rank in (below, above)]
+    return pick[0].double(), pick[1].double()
+
+
+def _order_numpy(values: Tensor, used: Tensor, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
+    """As ``_order_topk``, for CPU tensors: numpy partitions of the pixels that count, crop by crop
+    (several times faster than torch's top-k on a CPU)."""
+    pixels, keep = values.numpy(), used.numpy()[:, 0]
+    low, high = below.numpy()[:, 0], above.numpy()[:, 0]
+    out = np.empty((2, *values.shape[:2]), np.float64)
+    for i in range(len(pixels)):
+        part = np.partition(pixels[i][:, keep[i]], (low[i], high[i]), axis=1)
+        out[:, i] = part[:, low[i]], part[:, high[i]]
+    return torch.from_numpy(out[0]), torch.from_numpy(out[1])
+
+
+def _reflect_pad(x: Tensor, radius: int, dim: int) -> Tensor:
+    """``x`` padded by ``radius`` on both sides of ``dim``, mirrored as scipy's ``reflect`` (d c b a | a b c d),
+    again and again when the radius exceeds the size."""
+    size = x.shape[dim]
+    if radius <= size:  # two flipped slices: far cheaper than a gather along the last axis
+        first, last = x.narrow(dim, 0, radius).flip(dim), x.narrow(dim, size - radius, radius).flip(dim)
+        return torch.cat([first, x, last], dim=dim)
+    index = torch.arange(-radius, size + radius, device=x.device) % (2 * size)
+    return x.index_select(dim, torch.where(index >= size, 2 * size - 1 - index, index))
 
 
 def _gaussian_kernels(sigmas: np.ndarray, radius: int) -> np.ndarray:
@@ -402,11 +422,8 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
     kernels = torch.from_numpy(_gaussian_kernels(sigmas, radius).astype(np.float32))
     kernels = kernels.to(images.device, non_blocking=True)
     weight = kernels.repeat_interleave(c, dim=0)[:, None]  # (M * C, 1, K)
-    x = images.reshape(1, m * c, h, w)
-    x = x.index_select(2, _reflect_index(h, radius, images.device))
-    x = F.conv2d(x, weight[..., None], groups=m * c)
-    x = x.index_select(3, _reflect_index(w, radius, images.device))
-    x = F.conv2d(x, weight[:, :, None], groups=m * c)
+    x = F.conv2d(_reflect_pad(images.reshape(1, m * c, h, w), radius, 2), weight[..., None], groups=m * c)
+    x = F.conv2d(_reflect_pad(x, radius, 3), weight[:, :, None], groups=m * c)
     return x.reshape(m, c, h, w)
 
 
@@ -472,13 +489,33 @@ def _origins(
     return torch.where(empty, fallback[:, 0], y), torch.where(empty, fallback[:, 1], x)
 
 
-def _cut(group: FieldGroup, rows: np.ndarray, y: Tensor, x: Tensor, crop: int) -> tuple[Tensor, Tensor]:
-    """(m, C, crop, crop) pixels and (m, crop, crop) masks at origins (y, x) of fields ``rows``: one
-    gather from sliding-window views of the group, no copy of the fields."""
+def cut_tensor(
+    group: FieldGroup, rows: np.ndarray, y: Tensor, x: Tensor, crop: int, turns: np.ndarray, flips: np.ndarray
+) -> tuple[Tensor, Tensor]:
+    """(m, C, crop, crop) pixels and (m, crop, crop) masks at origins (y, x) of fields ``rows``, turned and
+    mirrored (``dihedral``): one gather from sliding-window views of the group, then one operation per
+    transform (any device)."""
     row = _device_index(rows, group.masks.device)
     windows = group.pixels.unfold(2, crop, 1).unfold(3, crop, 1)  # (F, C, Y', X', crop, crop) view
     mask_windows = group.masks.unfold(1, crop, 1).unfold(2, crop, 1)
-    return windows[row, :, y, x], mask_windows[row, y, x]
+    images, masks = windows[row, :, y, x], mask_windows[row, y, x]
+    dihedral(images, masks, turns, flips)
+    return images, masks
+
+
+def cut_numpy(
+    group: FieldGroup, rows: np.ndarray, y: Tensor, x: Tensor, crop: int, turns: np.ndarray, flips: np.ndarray
+) -> tuple[Tensor, Tensor]:
+    """As ``cut_tensor`` for CPU tensors: per crop one copy of a turned, mirrored numpy view of the field
+    (numpy views may run backwards, torch's may not)."""
+    pixels, masks = group.pixels.numpy(), group.masks.numpy()
+    images = np.empty((len(rows), pixels.shape[1], crop, crop), np.float32)
+    out = np.empty((len(rows), crop, crop), bool)
+    for i, (row, top, left, turn, flip) in enumerate(zip(rows, y.tolist(), x.tolist(), turns, flips, strict=True)):
+        image = np.rot90(pixels[row, :, top : top + crop, left : left + crop], turn, (1, 2))
+        mask = np.rot90(masks[row, top : top + crop, left : left + crop], turn)
+        images[i], out[i] = (image[..., ::-1], mask[..., ::-1]) if flip else (image, mask)
+    return torch.from_numpy(images), torch.from_numpy(out)
 
 
 class CropLoader:
@@ -535,10 +572,13 @@ class CropLoader:
         rng = np.random.default_rng([cfg.seed, step, self.rank, 1])
         aug_rng = np.random.default_rng([cfg.seed, step, self.rank, 3])  # apart, so augmenting moves no crop
         groups, rows = self._fields(shard, ids, rng)
-        images, masks = self._crops(shard, groups, rows, rng)
-        content = crop_content(images, masks)
+        turns, flips = np.zeros((2, len(rows)), np.int64)
         if cfg.augment:
-            self._augment(images, masks, aug_rng)
+            turns, flips = aug_rng.integers(4, size=len(rows)), aug_rng.integers(2, size=len(rows))
+        images, masks = self._crops(shard, groups, rows, rng, turns, flips)
+        content = crop_content(images, masks)  # before the nuisances; turns and mirrors change no statistic
+        if cfg.augment:
+            self._nuisance(images, aug_rng)
         b, n = len(ids), cfg.fields_per_sample
         return Batch(
             images.reshape(b, n, *images.shape[1:]),
@@ -559,31 +599,32 @@ class CropLoader:
         return np.concatenate(groups), np.concatenate(rows)
 
     def _crops(
-        self, shard: Shard, groups: np.ndarray, rows: np.ndarray, rng: np.random.Generator
+        self,
+        shard: Shard,
+        groups: np.ndarray,
+        rows: np.ndarray,
+        rng: np.random.Generator,
+        turns: np.ndarray,
+        flips: np.ndarray,
     ) -> tuple[Tensor, Tensor]:
-        """(M, C, crop, crop) pixels and (M, crop, crop) masks of fields (groups, rows), one gather per group."""
+        """(M, C, crop, crop) pixels and (M, crop, crop) masks of fields (groups, rows), turned and mirrored."""
+        cut = cut_numpy if self.device.type == "cpu" else cut_tensor
+        crop, least = self.crop, self.cfg.min_foreground
         if len(np.unique(groups)) == 1:
             group = shard.groups[int(groups[0])]
-            return _cut(group, rows, *_origins(group, rows, self.crop, self.cfg.min_foreground, rng), self.crop)
-        channels, crop = len(self.store.meta.channels), self.crop
+            return cut(group, rows, *_origins(group, rows, crop, least, rng), crop, turns, flips)
+        channels = len(self.store.meta.channels)
         images = torch.empty(len(rows), channels, crop, crop, device=self.device)
         masks = torch.empty(len(rows), crop, crop, dtype=torch.bool, device=self.device)
         for g in np.unique(groups):
             mine = np.flatnonzero(groups == g)
             group = shard.groups[int(g)]
-            origin = _origins(group, rows[mine], crop, self.cfg.min_foreground, rng)
-            pixels, mask = _cut(group, rows[mine], *origin, crop)
+            origin = _origins(group, rows[mine], crop, least, rng)
+            pixels, mask = cut(group, rows[mine], *origin, crop, turns[mine], flips[mine])
             index = _device_index(mine, self.device)
             images.index_copy_(0, index, pixels)
             masks.index_copy_(0, index, mask)
         return images, masks
-
-    def _augment(self, images: Tensor, masks: Tensor, rng: np.random.Generator) -> None:
-        """In place: random quarter turns and mirror, then microscope nuisances (``_nuisance``)."""
-        m = len(images)
-        turns, flips = rng.integers(4, size=m), rng.integers(2, size=m)
-        dihedral(images, masks, turns, flips)
-        self._nuisance(images, rng)
 
     def _nuisance(self, images: Tensor, rng: np.random.Generator) -> None:
         """In place, on normalised (M, C, H, W) crops: sometimes defocus blur, per-channel gain.

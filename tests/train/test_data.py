@@ -15,6 +15,8 @@ from cellmi.train.data import (
     batch_sample_ids,
     content_size,
     crop_content,
+    cut_numpy,
+    cut_tensor,
     dihedral,
     gaussian_blur,
     plan_shards,
@@ -113,7 +115,8 @@ def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content
         a, b = plain.batch(0), jitter.batch(0)
         assert not np.allclose(a.images.numpy(), b.images.numpy())
         assert a.masks.float().mean() == pytest.approx(b.masks.float().mean().item())  # flips/rotations only
-        torch.testing.assert_close(a.content, b.content, rtol=0, atol=0)  # same crops, content of the clean pixels
+        # same crops, content of the clean pixels (turned and mirrored: the same sums in another order)
+        torch.testing.assert_close(a.content, b.content, rtol=1e-6, atol=1e-6)
         for crop, mask, content in zip(a.images.flatten(0, 1), a.masks.flatten(0, 1), a.content.flatten(0, 1),
                                        strict=True):
             np.testing.assert_allclose(content.numpy(), numpy_content(crop.numpy(), mask.numpy()),
@@ -150,6 +153,28 @@ def test_batched_crop_content_matches_the_per_crop_statistics_and_ignores_rotati
     np.testing.assert_allclose(turned, got, rtol=1e-6, atol=1e-6)  # the same pixels in another order
 
 
+def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
+    """The numpy paths taken on a CPU (crops cut as turned views, percentiles by partition) give exactly what
+    the tensor paths taken on a GPU give."""
+    from cellmi.train.data import _order_numpy, _order_topk
+
+    store = open_store(join(store_dir, STORE_NAME))
+    (group,) = prepare_shard(store, store.meta.samples_in("train"), [0, 1, 2], 24, torch.device("cpu")).groups
+    rng = np.random.default_rng(3)
+    rows, turns, flips = rng.integers(0, 6, 16), rng.integers(0, 4, 16), rng.integers(0, 2, 16)
+    y, x = torch.from_numpy(rng.integers(0, 41, 16)), torch.from_numpy(rng.integers(0, 41, 16))
+    a, b = cut_numpy(group, rows, y, x, 24, turns, flips), cut_tensor(group, rows, y, x, 24, turns, flips)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    values = torch.from_numpy(rng.integers(0, 5, (16, 3, 50)).astype(np.float32))  # many ties
+    used = torch.from_numpy(rng.random((16, 1, 50)) < np.linspace(0.02, 1, 16)[:, None, None])
+    used[0], used[:, :, 0] = True, True  # one crop all foreground, every crop some
+    last = used.sum(-1) - 1
+    below = (last * 0.95).floor().long()
+    for got, want in zip(_order_numpy(values, used, below, torch.minimum(below + 1, last)),
+                         _order_topk(values, used, below, torch.minimum(below + 1, last)), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_batched_blur_is_scipys_gaussian_filter_per_crop():
     rng = np.random.default_rng(1)
     images = rng.gamma(2.0, 100.0, size=(4, 2, 40, 40)).astype(np.float32)
@@ -159,6 +184,9 @@ def test_batched_blur_is_scipys_gaussian_filter_per_crop():
         want = gaussian_filter(image, sigma=(0, sigma, sigma), mode="reflect")
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-3)
     assert not np.allclose(got[0], images[0], rtol=0.05)
+    wide = gaussian_blur(torch.from_numpy(images[:1, :, :20, :20]), np.array([12.0])).numpy()  # radius 48 > 20 px
+    np.testing.assert_allclose(wide[0], gaussian_filter(images[0, :, :20, :20], (0, 12, 12), mode="reflect"),
+                               rtol=1e-5, atol=1e-3)
 
 
 def test_dihedral_turns_and_mirrors_like_numpy():
