@@ -10,18 +10,9 @@ from scipy.ndimage import gaussian_filter
 
 from cellmi.errors import UserError
 from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, join, open_store
-from cellmi.train.data import (
-    CropLoader,
-    batch_sample_ids,
-    content_size,
-    crop_content,
-    cut_numpy,
-    cut_tensor,
-    dihedral,
-    gaussian_blur,
-    plan_shards,
-    prepare_shard,
-)
+from cellmi.train.crops import content_size, crop_content, cut_numpy, cut_tensor, dihedral, gaussian_blur
+from cellmi.train.data import CropLoader, batch_sample_ids
+from cellmi.train.fields import plan_shards, prepare_shard
 
 from .conftest import blob_field, make_store, tiny_settings
 
@@ -156,7 +147,7 @@ def test_batched_crop_content_matches_the_per_crop_statistics_and_ignores_rotati
 def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
     """The numpy paths taken on a CPU (crops cut as turned views, percentiles by partition) give exactly what
     the tensor paths taken on a GPU give."""
-    from cellmi.train.data import _order_numpy, _order_topk
+    from cellmi.train.crops import _order_numpy, _order_topk
 
     store = open_store(join(store_dir, STORE_NAME))
     (group,) = prepare_shard(store, store.meta.samples_in("train"), [0, 1, 2], 24, torch.device("cpu")).groups
