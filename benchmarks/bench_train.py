@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -326,101 +327,140 @@ def _steps(trainer, batches, settings, dist, steps: int) -> tuple[float, float]:
     return time.perf_counter() - start, wait
 
 
-def loop_rate(make_loader, settings, dist, steps: int, warmup: int) -> dict:
-    """Crops/s and busy share of the step loop fed by ``make_loader()``, then crops/s of the same steps on one
-    batch held fixed (the loop's compute alone)."""
-    from itertools import repeat
+class Contender:
+    """One way of feeding the step loop: a loader (shared by contenders that differ only in torch threads),
+    its batch stream, a trainer, and the time it has been given so far."""
 
-    from cellmi.train.state import build_trainer
+    def __init__(self, name: str, settings, loader, batches, threads: int, dist) -> None:
+        from cellmi.train.state import build_trainer
 
-    cfg = settings.train
-    crops = cfg.batch_samples * cfg.fields_per_sample
-    started = time.perf_counter()
-    loader = make_loader()
-    prepare = time.perf_counter() - started
-    try:
-        trainer = build_trainer(settings, len(loader.store.meta.channels), dist.device)
-        batches = loader.batches(0)
-        _steps(trainer, batches, settings, dist, warmup)
-        wall, wait = _steps(trainer, batches, settings, dist, steps)
-        fixed, _ = _steps(trainer, repeat(next(batches)), settings, dist, steps)
-    finally:
-        loader.close()
-    return {
-        "crops_per_s": round(steps * crops / wall, 1),
-        "busy": round(1 - wait / wall, 3),
-        "compute_crops_per_s": round(steps * crops / fixed, 1),
-        "vs_compute": round(fixed / wall, 3),
-        "prepare_s": round(prepare, 1),
-    }
+        self.name, self.settings, self.loader, self.batches, self.threads = name, settings, loader, batches, threads
+        self.trainer = build_trainer(settings, len(loader.store.meta.channels), dist.device)
+        self.fixed = None
+        self.wall = self.stepping = self.wait = self.fixed_wall = 0.0
+        self.steps = 0
+
+    def drain(self) -> None:
+        """Wait for the batches its loader is making ahead (one loader thread): they are its own work."""
+        self.loader._pool.submit(lambda: None).result()
+
+    def run(self, steps: int, dist) -> None:
+        """``steps`` steps on the stream, then the same on one batch held fixed (the compute alone)."""
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        stepping, wait = _steps(self.trainer, self.batches, self.settings, dist, steps)
+        self.drain()
+        self.wall += time.perf_counter() - start
+        self.stepping += stepping
+        self.wait += wait
+        self.steps += steps
+        self.fixed = self.fixed or next(self.batches)
+        self.fixed_wall += _steps(self.trainer, itertools.repeat(self.fixed), self.settings, dist, steps)[0]
+
+    def result(self) -> dict:
+        cfg = self.settings.train
+        crops = self.steps * cfg.batch_samples * cfg.fields_per_sample
+        return {
+            "crops_per_s": round(crops / self.wall, 1),
+            "busy": round(1 - self.wait / self.stepping, 3),  # of the loop itself, as metrics.jsonl has it
+            "compute_crops_per_s": round(crops / self.fixed_wall, 1),
+            "vs_compute": round(self.fixed_wall / self.wall, 3),
+        }
+
+
+def race(contenders: list[Contender], rounds: int, chunk: int, warmup: int, dist) -> None:
+    """Rounds of ``chunk`` steps per contender, in a rotating order, so that a machine whose load changes
+    over minutes (shared cores) weighs on all of them alike."""
+    for contender in contenders:
+        contender.run(warmup, dist)
+        contender.wall = contender.stepping = contender.wait = contender.fixed_wall = 0.0
+        contender.steps = 0
+    for r in range(rounds):
+        for contender in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
+            contender.run(chunk, dist)
+
+
+def make_loaders(store, cfg, crop: int, old, shards, device: torch.device) -> tuple[dict, dict]:
+    """The loaders to race, by name, and the seconds each took to start: this checkout's ("new"), the old
+    one when given, and this checkout's with the shard settings ``shards`` when given."""
+    from cellmi.train.data import CropLoader
+
+    made, prepare = {}, {}
+    todo = [("new", cfg)] + ([("old", cfg)] if old is not None else []) + ([("new, shards", shards)] if shards else [])
+    for name, settings in todo:
+        started = time.perf_counter()
+        if name == "old":
+            shim = types.SimpleNamespace(**settings.model_dump(), cache_fields=64)
+            made[name] = old.CropLoader(store, shim, crop, 0, 1, 1)
+        else:
+            made[name] = CropLoader(store, settings, crop, 0, 1, settings.loader_threads or 1, device)
+        prepare[name] = round(time.perf_counter() - started, 1)
+    return made, prepare
 
 
 def input_runs(args) -> list[dict]:
-    """The runs of the input benchmark, interleaved old/new per store and repeat; best of the repeats."""
+    """Per store and batch shape, the contenders raced against each other; the sharded loader alone."""
     from cellmi.store import open_store
-    from cellmi.train.data import CropLoader
     from cellmi.train.distributed import DistInfo
-    from cellmi.train.loop import torch_threads
+    from cellmi.train.loop import intra_op_threads
 
     device = torch.device(args.device)
     dist = DistInfo(0, 1, 0, 1, device)
     old = old_loader(args.old_ref) if device.type == "cpu" else None
-    stores = {"screen": screen_store()} if device.type == "cuda" else {
-        "screen": screen_store(),
-        "fields50": field_set("fields50", 10, 5, (384, 512)),
-        "fields500": field_set("fields500", 100, 5, (384, 512)),
-    }
-    variants = [("new", [])]
-    if old is not None:
-        variants.insert(0, ("old", []))
+    stores = {"screen": screen_store()}
     if device.type == "cpu":
-        variants.append(("new, shards", ["train.memory_gb=0.5"]))
-    results: dict[tuple, list[dict]] = {}
-    for _ in range(args.repeats):
-        for set_name, workdir in stores.items():
-            for n in args.input_n:
-                for size in args.sizes:
-                    for loader_name, extra in variants:
-                        if extra and set_name != "fields500":
-                            continue
-                        overrides = [f"train.fields_per_sample={n}", f"model.size={size}", *extra, *args.set]
-                        settings = settings_for(overrides, workdir)
-                        store = open_store(str(workdir / "store.zarr"))
-                        cfg, crop = settings.train, settings.model.crop
-                        threads = cfg.loader_threads or 1
-                        if loader_name == "old":
-                            shim = types.SimpleNamespace(**cfg.model_dump(), cache_fields=64)
-
-                            def make(shim=shim, store=store, crop=crop):
-                                return old.CropLoader(store, shim, crop, 0, 1, 1)
-                        else:
-                            def make(cfg=cfg, store=store, crop=crop, threads=threads):
-                                return CropLoader(store, cfg, crop, 0, 1, threads, device)
-                        with torch_threads(cfg.threads, dist) as torch_count:
-                            run = loop_rate(make, settings, dist, args.input_steps, args.warmup)
-                        run.update(store=set_name, loader=loader_name, fields=len(store.meta.images("train")),
-                                   n=n, size=size, crops_per_step=cfg.batch_samples * n, torch_threads=torch_count)
-                        print(json.dumps(run), flush=True)
-                        results.setdefault((set_name, loader_name, n, size), []).append(run)
-    best = []
-    for tries in results.values():
-        run = max(tries, key=lambda r: r["crops_per_s"])  # the machine is shared: best of the repeats
-        run["crops_per_s_all"] = [r["crops_per_s"] for r in tries]
-        best.append(run)
-    return best
+        stores.update(fields50=field_set("fields50", 10, 5, (384, 512)),
+                      fields500=field_set("fields500", 100, 5, (384, 512)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    runs = []
+    for set_name, workdir in stores.items():
+        store = open_store(str(workdir / "store.zarr"))
+        for n, size in itertools.product(args.input_n, args.sizes):
+            settings = settings_for([f"train.fields_per_sample={n}", f"model.size={size}", *args.set], workdir)
+            cfg, crop = settings.train, settings.model.crop
+            default_threads = intra_op_threads(cfg.threads, dist)
+            shards = None
+            if set_name == "fields500":
+                shards = settings_for([f"train.fields_per_sample={n}", f"model.size={size}", "train.memory_gb=0.5",
+                                       *args.set], workdir).train
+            made, prepare = make_loaders(store, cfg, crop, old, shards, device)
+            streams = {name: loader.batches(0) for name, loader in made.items()}
+            old_threads = max(1, cores - 1)  # the old default: a core kept back for the loader thread
+            contenders = [Contender("new", settings, made["new"], streams["new"], default_threads, dist)]
+            if "old" in made:
+                contenders.insert(0, Contender("old", settings, made["old"], streams["old"], old_threads, dist))
+            if device.type == "cpu" and default_threads != old_threads:
+                contenders.append(Contender("new, old threads", settings, made["new"], streams["new"], old_threads,
+                                            dist))
+            race(contenders, args.rounds, args.chunk, args.warmup, dist)
+            if "new, shards" in made:  # alone: its background loads would slow the others
+                alone = Contender("new, shards", settings, made["new, shards"], streams["new, shards"],
+                                  default_threads, dist)
+                race([alone], args.rounds, args.chunk, args.warmup, dist)
+                contenders.append(alone)
+            for loader in made.values():
+                loader.close()
+            for contender in contenders:
+                run = contender.result()
+                run.update(store=set_name, loader=contender.name, fields=len(store.meta.images("train")), n=n,
+                           size=size, crops_per_step=cfg.batch_samples * n, torch_threads=contender.threads,
+                           prepare_s=prepare[contender.name.replace(", old threads", "")])
+                print(json.dumps(run), flush=True)
+                runs.append(run)
+    return runs
 
 
 def input_ratios(runs: list[dict]) -> dict:
-    """The targets of issue 15 as ratios: new over old on the screen, 500 over 50 fields."""
+    """The targets of issue 15 as ratios: new over old on each store, 500 over 50 fields."""
     rate = {(r["store"], r["loader"], r["n"], r["size"]): r["crops_per_s"] for r in runs}
     out = {}
     for (store, loader, n, size), value in rate.items():
         old = rate.get((store, "old", n, size))
-        if loader == "new" and old:
-            out[f"new/old {store} N={n} {size}"] = round(value / old, 2)
+        if loader != "old" and old:
+            out[f"{loader} / old, {store}, N={n}, {size}"] = round(value / old, 2)
         small = rate.get(("fields50", loader, n, size))
-        if store == "fields500" and small and loader != "new, shards":
-            out[f"500/50 fields {loader} N={n} {size}"] = round(value / small, 2)
+        if store == "fields500" and small:
+            out[f"500 / 50 fields, {loader}, N={n}, {size}"] = round(value / small, 2)
     return out
 
 
@@ -439,8 +479,8 @@ def input_table(section: dict) -> str:
     rows += ["", "| ratio | value |", "|---|---|"]
     rows += [f"| {name} | {value:.2f}x |" for name, value in section["ratios"].items()]
     rows.append("")
-    rows.append(f"Device: {section['device']}; {section['steps']} steps per run after {section['warmup']}, "
-                f"best of {section['repeats']}.")
+    rows.append(f"Device: {section['device']}; {section['rounds']} rounds of {section['chunk']} steps per "
+                f"contender, in turn, after {section['warmup']} untimed.")
     return "\n".join(rows)
 
 
@@ -513,8 +553,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="section.field=value override")
     parser.add_argument("--repeats", type=int, default=2, help="runs per layout or input run; the best is reported")
     parser.add_argument("--device", default="cpu", help="device of the input runs: cpu or cuda")
-    parser.add_argument("--input-steps", type=int, default=30, help="timed steps of each input run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each input run")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the input race")
+    parser.add_argument("--chunk", type=int, default=5, help="steps per contender and round of the input race")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each contender before the race")
     parser.add_argument("--input-n", type=int, nargs="+", default=[4], help="fields per sample (N) of the input runs")
     parser.add_argument("--sizes", nargs="+", default=["base"], help="model.size of the input runs")
     parser.add_argument("--old-ref", default=OLD_REF, help="commit whose loader is 'old'")
@@ -535,8 +576,8 @@ def main() -> None:
     }
     if "input" in args.parts:
         runs = input_runs(args)
-        report["input"] = {"device": report["machine"]["gpu"] or args.device, "steps": args.input_steps,
-                           "warmup": args.warmup, "repeats": args.repeats, "runs": runs, "ratios": input_ratios(runs)}
+        report["input"] = {"device": report["machine"]["gpu"] or args.device, "rounds": args.rounds,
+                           "chunk": args.chunk, "warmup": args.warmup, "runs": runs, "ratios": input_ratios(runs)}
     if "layouts" in args.parts:
         report.update(layouts(args))
     if "probe" in args.parts:

@@ -243,7 +243,7 @@ class TrainSettings(Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
     threads: int = Field(
-        0, ge=0, description="Torch threads per process; 0 means cores / processes less one for crop loading."
+        0, ge=0, description="Torch threads per process; 0 means this machine's cores / processes on it."
     )
     loader_threads: int = Field(
         0,

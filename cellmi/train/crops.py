@@ -17,7 +17,9 @@ from cellmi.train.fields import FieldGroup
 __all__ = [
     "CONTENT_PERCENTILE",
     "CROP_TRIES",
+    "content_numpy",
     "content_size",
+    "content_tensor",
     "crop_content",
     "crop_origins",
     "cut_numpy",
@@ -48,50 +50,64 @@ def _tail(pixels: int) -> int:
 def crop_content(pixels: Tensor, masks: Tensor) -> Tensor:
     """(M, C, H, W) normalised crops, (M, H, W) masks -> (M, 3C + 1) float32: per channel the foreground
     mean, standard deviation and 95th percentile (linear interpolation, as numpy), then the foreground
-    share; a crop without foreground uses all its pixels.
+    share; a crop without foreground uses all its pixels. Numpy crop by crop on a CPU (``content_numpy``),
+    batched tensor operations elsewhere (``content_tensor``)."""
+    return content_numpy(pixels, masks) if pixels.device.type == "cpu" else content_tensor(pixels, masks)
 
-    Sums are float32 matrix products (full precision: training never enables TF32); the two values
-    around the percentile are selected with numpy on the CPU, by one top-k per crop and channel elsewhere.
-    """
+
+def _ranks(n: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Foreground counts (M, 1) -> the ascending ranks below and above the percentile, and its fraction
+    between them, as numpy's ``linear`` method places it."""
+    position = (n.double() - 1) * (CONTENT_PERCENTILE / 100)
+    below = position.floor()
+    return below.long(), torch.minimum(below + 1, n.double() - 1).long(), position - below
+
+
+def _interpolate(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Between the values of the two ranks, as numpy's ``_lerp`` does (float64)."""
+    return torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
+
+
+def content_tensor(pixels: Tensor, masks: Tensor) -> Tensor:
+    """``crop_content`` on any device: float32 matrix products for the sums (full precision: training never
+    enables TF32), one top-k per crop and channel for the percentile."""
     m, c = pixels.shape[:2]
     values = pixels.reshape(m, c, -1)
     weight = masks.reshape(m, 1, -1).to(values.dtype)
     count = weight.sum(-1)
     weight += (count == 0).to(values.dtype).unsqueeze(-1)  # (M, 1, P): 1 for the pixels that count
-    used, n = weight.bool(), weight.sum(-1)
+    n = weight.sum(-1)
     mean = torch.bmm(values, weight.transpose(1, 2)).squeeze(-1) / n
     deviation = (values - mean.unsqueeze(-1)).mul_(weight).reshape(m * c, 1, -1)
     std = (torch.bmm(deviation, deviation.transpose(1, 2)).reshape(m, c) / n).sqrt()
-    position = (n.double() - 1) * (CONTENT_PERCENTILE / 100)
-    below = position.floor()
-    above = torch.minimum(below + 1, n.double() - 1)
-    select = _order_numpy if values.device.type == "cpu" else _order_topk
-    a, b = select(values, used, below.long(), above.long())
-    t = position - below
-    tail = torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)  # numpy's lerp
-    return torch.cat([mean, std, tail.float(), count / values.shape[-1]], dim=1)
+    top = torch.where(weight.bool(), values, -torch.inf).topk(min(_tail(values.shape[-1]), values.shape[-1]), -1)
+    below, above, t = _ranks(n)
+    last = n.long() - 1  # top is descending: ascending rank r sits at last - r
+    a, b = (top.values.gather(-1, (last - r).expand(m, c).unsqueeze(-1)).squeeze(-1).double() for r in (below, above))
+    return torch.cat([mean, std, _interpolate(a, b, t).float(), count / values.shape[-1]], dim=1)
 
 
-def _order_topk(values: Tensor, used: Tensor, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, C, P) values, (M, 1, P) which count, ascending ranks (M, 1) among those -> the values of both
-    ranks, (M, C) float64 each, from one top-k selection of the largest (any device)."""
-    m, c, pixels = values.shape
-    top = torch.where(used, values, -torch.inf).topk(min(_tail(pixels), pixels), -1).values  # descending
-    last = used.sum(-1) - 1
-    pick = [top.gather(-1, (last - rank).expand(m, c).unsqueeze(-1)).squeeze(-1) for rank in (below, above)]
-    return pick[0].double(), pick[1].double()
-
-
-def _order_numpy(values: Tensor, used: Tensor, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
-    """As ``_order_topk``, for CPU tensors: numpy partitions of the pixels that count, crop by crop
-    (several times faster than torch's top-k on a CPU)."""
-    pixels, keep = values.numpy(), used.numpy()[:, 0]
-    low, high = below.numpy()[:, 0], above.numpy()[:, 0]
-    out = np.empty((2, *values.shape[:2]), np.float64)
-    for i in range(len(pixels)):
-        part = np.partition(pixels[i][:, keep[i]], (low[i], high[i]), axis=1)
-        out[:, i] = part[:, low[i]], part[:, high[i]]
-    return torch.from_numpy(out[0]), torch.from_numpy(out[1])
+def content_numpy(pixels: Tensor, masks: Tensor) -> Tensor:
+    """``crop_content`` for CPU tensors: per crop the pixels that count are taken out once, partitioned
+    in place around the percentile, then summed (numpy's own mean and spread: pairwise float32 sums)."""
+    m, c = pixels.shape[:2]
+    values, fg = pixels.numpy().reshape(m, c, -1), masks.numpy().reshape(m, -1)
+    count = fg.sum(axis=1)
+    n = np.where(count > 0, count, fg.shape[1])
+    below, above, t = (r.numpy()[:, 0] for r in _ranks(torch.from_numpy(n)[:, None]))
+    stats = np.empty((4, m, c), np.float64)  # mean, std, the values of ranks below and above
+    for i in range(m):
+        taken = values[i][:, fg[i]] if count[i] else values[i].copy()
+        taken.partition((below[i], above[i]), axis=1)
+        stats[2, i], stats[3, i] = taken[:, below[i]], taken[:, above[i]]
+        stats[0, i] = mean = taken.mean(axis=1)
+        np.subtract(taken, mean[:, None], out=taken)
+        stats[1, i] = np.sqrt(np.square(taken, out=taken).sum(axis=1) / n[i])
+    a, b = torch.from_numpy(stats[2]), torch.from_numpy(stats[3])
+    tail = _interpolate(a, b, torch.from_numpy(t)[:, None])
+    moments = torch.from_numpy(stats[:2].astype(np.float32))
+    share = torch.from_numpy((count / fg.shape[1]).astype(np.float32))[:, None]
+    return torch.cat([moments[0], moments[1], tail.float(), share], dim=1)
 
 
 def _reflect_pad(x: Tensor, radius: int, dim: int) -> Tensor:

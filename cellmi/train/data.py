@@ -218,9 +218,8 @@ class CropLoader:
         sigmas = rng.uniform(0.5, cfg.aug_blur_sigma, size=m)[blurred]
         if len(blurred):
             index = device_index(blurred, self.device)
-            raw = torch.expm1(images.index_select(0, index) * self.std + self.mean)
-            raw = gaussian_blur(raw, sigmas)
-            images.index_copy_(0, index, (torch.log1p(raw.clamp(min=0)) - self.mean) / self.std)
+            raw = gaussian_blur(images.index_select(0, index).mul_(self.std).add_(self.mean).expm1_(), sigmas)
+            images.index_copy_(0, index, raw.clamp_(min=0).log1p_().sub_(self.mean).div_(self.std))
         if cfg.aug_gain > 0:
             gain = rng.uniform(np.log1p(-cfg.aug_gain), np.log1p(cfg.aug_gain), size=(m, c, 1, 1))
             images += torch.from_numpy(gain.astype(np.float32)).to(self.device, non_blocking=True) / self.std

@@ -63,23 +63,25 @@ class MetricsLog:
             write_bytes_atomic(self.url, data)
 
 
-def _cores_per_process(dist: DistInfo) -> int:
-    """This machine's cores shared by the local processes, less one (at least one)."""
+def intra_op_threads(threads: int, dist: DistInfo) -> int:
+    """Torch threads per process: ``threads``, or for 0 this machine's cores shared by the local processes.
+
+    No core is kept back for the loader thread: it needs a fraction of one now that batches are
+    batched tensor operations, and on 2 cores the step ran faster on both (benchmarks/bench_train.py,
+    docs/performance.md).
+    """
+    if threads:
+        return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.local_world) - 1)
+    return max(1, cores // max(1, dist.local_world))
 
 
 @contextmanager
 def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
-    """Torch intra-op threads for the run, restored afterwards (callers in-process keep theirs).
-
-    0 means this machine's cores shared by the local processes, less one for the crop-loading
-    thread when that leaves at least one (two spinning compute threads and the loader on two cores
-    ran 6x slower than one compute thread in benchmarks/bench_train.py).
-    """
+    """Torch intra-op threads for the run (``intra_op_threads``), restored afterwards (callers in-process
+    keep theirs)."""
     before = torch.get_num_threads()
-    if threads == 0:
-        threads = _cores_per_process(dist)
+    threads = intra_op_threads(threads, dist)
     torch.set_num_threads(threads)
     try:
         yield threads

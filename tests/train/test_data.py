@@ -10,7 +10,16 @@ from scipy.ndimage import gaussian_filter
 
 from cellmi.errors import UserError
 from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, join, open_store
-from cellmi.train.crops import content_size, crop_content, cut_numpy, cut_tensor, dihedral, gaussian_blur
+from cellmi.train.crops import (
+    content_numpy,
+    content_size,
+    content_tensor,
+    crop_content,
+    cut_numpy,
+    cut_tensor,
+    dihedral,
+    gaussian_blur,
+)
 from cellmi.train.data import CropLoader, batch_sample_ids
 from cellmi.train.fields import plan_shards, prepare_shard
 
@@ -132,23 +141,22 @@ def test_crop_content_by_hand():
     np.testing.assert_allclose(got[1, [0, 6]].numpy(), [110 / 16, 0], rtol=1e-6)
 
 
-def test_batched_crop_content_matches_the_per_crop_statistics_and_ignores_rotation():
+@pytest.mark.parametrize("content", [content_numpy, content_tensor])
+def test_batched_crop_content_matches_the_per_crop_statistics_and_ignores_rotation(content):
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(6, 3, 20, 20)).astype(np.float32)
     masks = rng.random((6, 20, 20)) < np.array([0.5, 0.1, 0.9, 0.02, 0.0, 1.0])[:, None, None]
-    got = crop_content(torch.from_numpy(pixels), torch.from_numpy(masks)).numpy()
+    got = content(torch.from_numpy(pixels), torch.from_numpy(masks)).numpy()
     want = np.stack([numpy_content(p, m) for p, m in zip(pixels, masks, strict=True)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    turned = crop_content(torch.from_numpy(np.rot90(pixels, 1, (2, 3)).copy()),
-                          torch.from_numpy(np.rot90(masks, 1, (1, 2)).copy())).numpy()
+    turned = content(torch.from_numpy(np.rot90(pixels, 1, (2, 3)).copy()),
+                     torch.from_numpy(np.rot90(masks, 1, (1, 2)).copy())).numpy()
     np.testing.assert_allclose(turned, got, rtol=1e-6, atol=1e-6)  # the same pixels in another order
 
 
 def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
     """The numpy paths taken on a CPU (crops cut as turned views, percentiles by partition) give exactly what
     the tensor paths taken on a GPU give."""
-    from cellmi.train.crops import _order_numpy, _order_topk
-
     store = open_store(join(store_dir, STORE_NAME))
     (group,) = prepare_shard(store, store.meta.samples_in("train"), [0, 1, 2], 24, torch.device("cpu")).groups
     rng = np.random.default_rng(3)
@@ -156,14 +164,11 @@ def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
     y, x = torch.from_numpy(rng.integers(0, 41, 16)), torch.from_numpy(rng.integers(0, 41, 16))
     a, b = cut_numpy(group, rows, y, x, 24, turns, flips), cut_tensor(group, rows, y, x, 24, turns, flips)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    values = torch.from_numpy(rng.integers(0, 5, (16, 3, 50)).astype(np.float32))  # many ties
-    used = torch.from_numpy(rng.random((16, 1, 50)) < np.linspace(0.02, 1, 16)[:, None, None])
-    used[0], used[:, :, 0] = True, True  # one crop all foreground, every crop some
-    last = used.sum(-1) - 1
-    below = (last * 0.95).floor().long()
-    for got, want in zip(_order_numpy(values, used, below, torch.minimum(below + 1, last)),
-                         _order_topk(values, used, below, torch.minimum(below + 1, last)), strict=True):
-        assert torch.equal(got, want)
+    values = torch.from_numpy(rng.integers(0, 5, (16, 3, 7, 7)).astype(np.float32))  # many ties
+    masks = torch.from_numpy(rng.random((16, 7, 7)) < np.linspace(0, 1, 16)[:, None, None])  # none to all
+    a, b = content_numpy(values, masks), content_tensor(values, masks)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a[:, 6:9], b[:, 6:9])  # the percentiles: the same two values, the same interpolation
 
 
 def test_batched_blur_is_scipys_gaussian_filter_per_crop():
