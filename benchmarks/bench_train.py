@@ -331,10 +331,11 @@ class Contender:
     """One way of feeding the step loop: a loader (shared by contenders that differ only in torch threads),
     its batch stream, a trainer, and the time it has been given so far."""
 
-    def __init__(self, name: str, settings, loader, batches, threads: int, dist) -> None:
+    def __init__(self, name: str, settings, loader, batches, threads: int, dist, info: dict) -> None:
         from cellmi.train.state import build_trainer
 
         self.name, self.settings, self.loader, self.batches, self.threads = name, settings, loader, batches, threads
+        self.info = info  # what to report beside the rates
         self.trainer = build_trainer(settings, len(loader.store.meta.channels), dist.device)
         self.fixed = None
         self.wall = self.stepping = self.wait = self.fixed_wall = 0.0
@@ -399,7 +400,8 @@ def make_loaders(store, cfg, crop: int, old, shards, device: torch.device) -> tu
 
 
 def input_runs(args) -> list[dict]:
-    """Per store and batch shape, the contenders raced against each other; the sharded loader alone."""
+    """Per batch shape, every store's contenders raced against each other (so "500 against 50 fields" is
+    measured under the same load as "new against old"); then the sharded loader alone."""
     from cellmi.store import open_store
     from cellmi.train.distributed import DistInfo
     from cellmi.train.loop import intra_op_threads
@@ -412,41 +414,41 @@ def input_runs(args) -> list[dict]:
         stores.update(fields50=field_set("fields50", 10, 5, (384, 512)),
                       fields500=field_set("fields500", 100, 5, (384, 512)))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    old_threads = max(1, cores - 1)  # the old default: a core kept back for the loader thread
     runs = []
-    for set_name, workdir in stores.items():
-        store = open_store(str(workdir / "store.zarr"))
-        for n, size in itertools.product(args.input_n, args.sizes):
+    for n, size in itertools.product(args.input_n, args.sizes):
+        contenders, alone, loaders = [], [], []
+        for set_name, workdir in stores.items():
+            store = open_store(str(workdir / "store.zarr"))
             settings = settings_for([f"train.fields_per_sample={n}", f"model.size={size}", *args.set], workdir)
-            cfg, crop = settings.train, settings.model.crop
-            default_threads = intra_op_threads(cfg.threads, dist)
+            threads = intra_op_threads(settings.train.threads, dist)
             shards = None
             if set_name == "fields500":
                 shards = settings_for([f"train.fields_per_sample={n}", f"model.size={size}", "train.memory_gb=0.5",
                                        *args.set], workdir).train
-            made, prepare = make_loaders(store, cfg, crop, old, shards, device)
+            made, prepare = make_loaders(store, settings.train, settings.model.crop, old, shards, device)
+            loaders += made.values()
             streams = {name: loader.batches(0) for name, loader in made.items()}
-            old_threads = max(1, cores - 1)  # the old default: a core kept back for the loader thread
-            contenders = [Contender("new", settings, made["new"], streams["new"], default_threads, dist)]
-            if "old" in made:
-                contenders.insert(0, Contender("old", settings, made["old"], streams["old"], old_threads, dist))
-            if device.type == "cpu" and default_threads != old_threads:
-                contenders.append(Contender("new, old threads", settings, made["new"], streams["new"], old_threads,
-                                            dist))
-            race(contenders, args.rounds, args.chunk, args.warmup, dist)
+            entries = [("new", "new", threads)] + ([("old", "old", old_threads)] if "old" in made else [])
+            if device.type == "cpu" and threads != old_threads:
+                entries.append(("new, old threads", "new", old_threads))
+            info = {"store": set_name, "fields": len(store.meta.images("train")), "n": n, "size": size,
+                    "crops_per_step": settings.train.batch_samples * n}
+            for name, loader, count in entries:
+                contenders.append(Contender(name, settings, made[loader], streams[loader], count, dist,
+                                            {**info, "prepare_s": prepare[loader]}))
             if "new, shards" in made:  # alone: its background loads would slow the others
-                alone = Contender("new, shards", settings, made["new, shards"], streams["new, shards"],
-                                  default_threads, dist)
-                race([alone], args.rounds, args.chunk, args.warmup, dist)
-                contenders.append(alone)
-            for loader in made.values():
-                loader.close()
-            for contender in contenders:
-                run = contender.result()
-                run.update(store=set_name, loader=contender.name, fields=len(store.meta.images("train")), n=n,
-                           size=size, crops_per_step=cfg.batch_samples * n, torch_threads=contender.threads,
-                           prepare_s=prepare[contender.name.replace(", old threads", "")])
-                print(json.dumps(run), flush=True)
-                runs.append(run)
+                alone.append(Contender("new, shards", settings, made["new, shards"], streams["new, shards"],
+                                       threads, dist, {**info, "prepare_s": prepare["new, shards"]}))
+        race(contenders, args.rounds, args.chunk, args.warmup, dist)
+        for contender in alone:
+            race([contender], args.rounds, args.chunk, args.warmup, dist)
+        for loader in loaders:
+            loader.close()
+        for contender in contenders + alone:
+            run = {**contender.result(), **contender.info, "loader": contender.name, "torch_threads": contender.threads}
+            print(json.dumps(run), flush=True)
+            runs.append(run)
     return runs
 
 

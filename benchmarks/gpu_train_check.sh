@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible to torch")'
-"$PY" benchmarks/bench_train.py --parts input --device cuda --tag gpu --repeats 1 --warmup 10 \
-    --input-steps 50 --input-n 4 32 64 --sizes base
-"$PY" benchmarks/bench_train.py --parts input --device cuda --tag gpu-sizes --repeats 1 --warmup 5 \
-    --input-steps 20 --input-n 64 --sizes large xl
+"$PY" benchmarks/bench_train.py --parts input --device cuda --tag gpu --warmup 10 --rounds 5 --chunk 10 \
+    --input-n 4 32 64 --sizes base
+"$PY" benchmarks/bench_train.py --parts input --device cuda --tag gpu-sizes --warmup 5 --rounds 2 --chunk 10 \
+    --input-n 64 --sizes large xl
