@@ -236,7 +236,10 @@ class TrainSettings(Section):
         "does not fit is walked in shards of whole samples, two held at once.",
     )
     shard_epochs: int = Field(
-        4, ge=1, description="Passes over a shard's samples before moving on to the next shard (when sharded)."
+        16,
+        ge=1,
+        description="Passes over a shard's samples before moving on to the next (when sharded): long enough for the "
+        "next shard to load meanwhile.",
     )
     seed: int = Field(0, description="Base seed; each process uses seed + rank.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")

@@ -1,6 +1,6 @@
 """Batched crop operations on any device: where to cut, cutting (turned and mirrored), content statistics,
 defocus blur. Each acts on a whole batch in a few tensor operations; on a CPU the two costliest steps
-take numpy paths that give exactly the same values.
+(cutting, content) take numpy paths that give the same values (the sums to float rounding; tested).
 """
 
 from __future__ import annotations
@@ -194,8 +194,10 @@ def crop_origins(
     sizes = group.sizes[rows]
     picks = group.starts[rows][:, None] + (draws * sizes[:, None]).astype(np.int64)
     picks = np.minimum(picks, max(len(group.foreground) - 1, 0))
-    flat = group.foreground[device_index(picks, device)].long() if len(group.foreground) else torch.zeros(
-        picks.shape, dtype=torch.long, device=device)
+    if len(group.foreground):
+        flat = group.foreground[device_index(picks, device)].long()
+    else:  # no field of this shape has foreground: every crop takes the uniform fallback below
+        flat = torch.zeros(picks.shape, dtype=torch.long, device=device)
     ys = (flat // width - crop // 2).clamp(0, height - crop)
     xs = (flat % width - crop // 2).clamp(0, width - crop)
     row = device_index(rows, device)

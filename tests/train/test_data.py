@@ -237,7 +237,8 @@ def test_batches_read_from_s3(s3_env):
 
 
 def write_mixed_store(url: str) -> None:
-    """Two channels, four samples, fields of two non-square shapes (even within a sample)."""
+    """Two channels, four samples, fields of two non-square shapes (even within a sample); sample 1 has a
+    single field, without foreground."""
     shapes = {"0": [(64, 80), (72, 64)], "1": [(72, 64)], "2": [(64, 80), (64, 80)], "3": [(72, 64), (64, 80)]}
     meta = StoreMeta(
         channels=["DNA", "actin"],
@@ -250,7 +251,7 @@ def write_mixed_store(url: str) -> None:
     for s, fields in shapes.items():
         for i, (h, w) in enumerate(fields):
             pixels, mask = blob_field(int(s), 10 * int(s) + i, 80)
-            writer.write_image(s, str(i + 1), pixels[:2, :h, :w], mask[:h, :w])
+            writer.write_image(s, str(i + 1), pixels[:2, :h, :w], mask[:h, :w] & (s != "1"))
     writer.finish()
 
 
@@ -268,6 +269,9 @@ def test_fields_of_several_shapes_and_two_channels(tmp_path):
             assert batch.images.shape == (4, 3, 2, 48, 48) and batch.content.shape == (4, 3, content_size(2))
             for crop in batch.images.flatten(0, 1).numpy():
                 assert any(_contains(field, crop) for field in fields)
+            empty = batch.samples == 1  # crops anywhere in a field without foreground, measured over all pixels
+            assert not batch.masks[empty].any() and (batch.content[empty][..., -1] == 0).all()
+            assert batch.masks[~empty].any(dim=(-2, -1)).all()
     finally:
         loader.close()
 
@@ -297,6 +301,7 @@ def test_sharded_batches_come_from_the_resident_shard_and_visit_every_sample(tmp
             shard = shards[loader.plan.visit(step).shard]
             assert set(batch.samples.tolist()) <= set(shard)
             assert len(loader.resident) <= 2
+            assert loader.resident.get(loader.plan.visit(step).shard).nbytes <= 0.0003 * 2**30 / 2  # half the budget
             seen += batch.samples.tolist()
         assert sorted(set(seen)) == list(range(8))
         visits = {loader.plan.visit(s).number: loader.plan.visit(s).shard for s in range(steps)}
