@@ -4,7 +4,7 @@
 
     attributes["cellmi"]   {"complete", "window", "stride", "feature_sets", "handcrafted_names",
                             "checkpoint", "checkpoint_sha256", "store", "settings", "cellmi_version",
-                            "phenotypes"}
+                            "phenotypes", "field_metadata"}
     sample, field, split   (n,) str       one row per window, sorted by (sample, field, y, x)
     y, x                   (n,) int32     top-left corner of the window in the field
     fg_fraction            (n,) float32   foreground share of the window
@@ -15,7 +15,8 @@
 
 ``{workdir}/representations.parquet`` holds the same rows for pandas/pycytominer users:
 ``Metadata_sample, Metadata_field, Metadata_y, Metadata_x, Metadata_fg_fraction,
-Metadata_split, Metadata_background[, Metadata_phenotype]`` and DIM features ``f000 ...``.
+Metadata_split, Metadata_background[, Metadata_phenotype]``, the fields' own ``Metadata_*`` columns
+(plate, well, plate map) and DIM features ``f000 ...``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import zarr
 
 from cellmi.errors import IncompleteStoreError, UserError
-from cellmi.store import exists, join, read_bytes, write_bytes_atomic, zarr_store
+from cellmi.store import exists, image_name, join, read_bytes, write_bytes_atomic, zarr_store
 
 REPR_ZARR = "representations.zarr"
 REPR_PARQUET = "representations.parquet"
@@ -99,12 +100,23 @@ def _column(values: np.ndarray, name: str) -> np.ndarray:
     return values.astype(_DTYPES[name])
 
 
+def field_columns(table: pd.DataFrame, field_metadata: dict[str, dict[str, str]] | None) -> dict[str, np.ndarray]:
+    """Each row's field metadata (plate, well, plate-map columns: ``Metadata_*``), as the store recorded
+    it at ingest (``StoreMeta.metadata``, carried in the representations' attributes)."""
+    if not field_metadata:
+        return {}
+    names = [image_name(str(s), str(f)) for s, f in zip(table["sample"], table["field"], strict=True)]
+    columns = list(dict.fromkeys(c for row in field_metadata.values() for c in row))
+    return {c: np.asarray([field_metadata.get(n, {}).get(c) for n in names], dtype=object) for c in columns}
+
+
 def to_frame(reps: Representations, feature_set: str = "dim") -> pd.DataFrame:
     """Parquet-ready table: ``Metadata_*`` columns then features ``f000 ...``."""
     meta = {f"Metadata_{c}": reps.table[c].to_numpy() for c in META_COLUMNS}
     phenotypes = reps.attrs.get("phenotypes") or {}
     if phenotypes:
         meta["Metadata_phenotype"] = reps.table["sample"].map(phenotypes).to_numpy()
+    meta.update(field_columns(reps.table, reps.attrs.get("field_metadata")))
     matrix = reps.features[feature_set]
     width = max(3, len(str(matrix.shape[1] - 1)))
     feats = {f"f{i:0{width}d}": matrix[:, i] for i in range(matrix.shape[1])}

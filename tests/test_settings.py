@@ -68,7 +68,7 @@ def test_unknown_variable_is_an_error_naming_it():
         ({"CELLMI_INGEST__CHANNELS": "DNA,DNA"}, "CELLMI_INGEST__CHANNELS (--ingest.channels): repeated channel"),
         ({"CELLMI_WORKDIR": "http://host/x"}, "CELLMI_WORKDIR (--workdir): 'http://host/x' is neither"),
         ({"CELLMI_SOURCE": "s3://Bad_Bucket/x"}, "CELLMI_SOURCE (--source): "),
-        ({"CELLMI_INGEST__PATTERN": "(?P<sample>x)"}, "needs named groups ['channel', 'field']"),
+        ({"CELLMI_INGEST__PATTERN": "(?P<sample>x)"}, "needs named groups field, channel and sample or well"),
         ({"CELLMI_TRAIN__ESTIMATOR": "mine"}, "CELLMI_TRAIN__ESTIMATOR (--train.estimator): Input should be"),
         ({"CELLMI_INFER__VIEWS": "3"}, "CELLMI_INFER__VIEWS (--infer.views): must be 1, 2, 4 or 8, got 3"),
     ],

@@ -211,6 +211,7 @@ def make_plan(settings: Settings) -> Plan:
         "settings": as_dict(settings),
         "cellmi_version": __version__,
         "phenotypes": meta.phenotypes,
+        "field_metadata": meta.metadata,
         "channels": meta.channels,
         "handcrafted_names": feature_names(meta.channels),
         "baseline_seed": infer.baseline_seed,
