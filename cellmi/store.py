@@ -357,6 +357,11 @@ class ImageStore:
         arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]
         return arr[...].astype(bool)
 
+    def field_shape(self, sample: str, field_id: str) -> tuple[int, int]:
+        """(Y, X) of one field, from the array's metadata (no pixels read); fields may differ in shape."""
+        _, height, width = self.root[f"images/{image_name(sample, field_id)}/0"].shape
+        return int(height), int(width)
+
     def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(C, Y, X) raw, (Y, X) foreground -> float32 ``(log_c - mean_c) / std_c``.
 
