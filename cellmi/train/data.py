@@ -77,9 +77,10 @@ def train_samples(store: ImageStore, batch_samples: int, crop: int) -> list[str]
             f"samples of {store.url}"
         )
     if min(meta.shape) < crop:
+        sample = samples[0]
         raise UserError(
-            f"CELLMI_MODEL__CROP={crop} is larger than the fields of {store.url} "
-            f"({meta.shape[0]}x{meta.shape[1]})"
+            f"CELLMI_MODEL__CROP={crop} is larger than field {sample}/{meta.fields[sample][0]} of {store.url} "
+            f"({meta.shape[0]}x{meta.shape[1]}; every field of the store has that size)"
         )
     return samples
 
