@@ -221,7 +221,7 @@ def test_bad_batch_or_crop_settings_are_user_errors(store_dir):
     with pytest.raises(UserError, match="BATCH_SAMPLES=5 exceeds the 4 training samples"):
         loader_for(store_dir, batch_samples=5)
     settings = tiny_settings(store_dir)
-    with pytest.raises(UserError, match=r"CROP=128 is larger than field 0000/1 of .* (64x64;"):
+    with pytest.raises(UserError, match=r"CROP=128 is larger than field 0000/1 of .* [(]64x64;"):
         CropLoader(open_store(join(store_dir, STORE_NAME)), settings.train, 128)
 
 
