@@ -37,7 +37,7 @@ TITLES = {
     "train": "Training speed",
     "infer": "Inference speed",
     "cluster": "Clustering time by number of windows",
-    "quality": "End-to-end `cellmi run` (default settings): time by stage and clustering quality, 3 splits",
+    "quality": "Quality protocol: `cellmi run` defaults on development and held-out synthetic draws",
 }
 
 

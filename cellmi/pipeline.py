@@ -57,7 +57,7 @@ STAGES = (
     Stage("ingest", "cellmi.data.ingest", ("source", "synth", "ingest"), STORE_NAME,
           ignore=("overwrite", "workers")),
     Stage("train", "cellmi.train.job", ("model", "train"), CHECKPOINTS,
-          ignore=("threads", "log_every", "dist_timeout_s", "keep_checkpoints", "cache_fields")),
+          ignore=("threads", "loader_threads", "log_every", "dist_timeout_s", "keep_checkpoints")),
     Stage("infer", "cellmi.infer.job", ("infer",), "representations.zarr",
           ignore=("scheduler_address", "workers", "retries", "memory_limit_gb", "fields_per_task")),
     Stage("cluster", "cellmi.analyze.job", ("cluster",), ANALYSIS, ignore=("apply_to",)),

@@ -28,6 +28,7 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 from cellmi import __version__
+from cellmi.colours import channel_colours
 from cellmi.data.intensity import Levels, field_levels, log_intensity
 from cellmi.errors import IncompleteStoreError, UserError, is_infrastructure
 from cellmi.watchdog import waiting
@@ -283,50 +284,78 @@ def _multiscales(axes: list[dict[str, str]], name: str) -> list[dict[str, Any]]:
 
 
 _SPACE = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-_COLOURS = {"DNA": "0000FF", "pH3": "00FF00", "actin": "FF0000"}
+MASK_COLOURS = [{"label-value": 1, "rgba": [255, 255, 0, 255]}]
 
 
-def _image_attrs(name: str, channels: list[str], window_max: int) -> dict[str, Any]:
+def _image_attrs(name: str, channels: list[str], colours: list[str], window_max: int) -> dict[str, Any]:
     axes = [{"name": "c", "type": "channel"}, *_SPACE]
     omero = {
         "channels": [
             {
                 "label": ch,
-                "color": _COLOURS.get(ch, "FFFFFF"),
+                "color": colour,
                 "active": True,
                 "window": {"start": 0, "end": window_max, "min": 0, "max": 65535},
             }
-            for ch in channels
+            for ch, colour in zip(channels, colours, strict=True)
         ]
     }
     return {"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(axes, name), "omero": omero}}
 
 
-def _label_attrs(name: str) -> dict[str, Any]:
-    return {
-        "ome": {
-            "version": NGFF_VERSION,
-            "multiscales": _multiscales(list(_SPACE), name),
-            "image-label": {
-                "version": NGFF_VERSION,
-                "colors": [{"label-value": 1, "rgba": [255, 255, 0, 255]}],
-                "source": {"image": "../../"},
-            },
-        }
-    }
+def _label_attrs(name: str, colors: list[dict[str, Any]], properties: list[dict[str, Any]] | None) -> dict[str, Any]:
+    label: dict[str, Any] = {"version": NGFF_VERSION, "colors": colors, "source": {"image": "../../"}}
+    if properties:
+        label["properties"] = properties
+    return {"ome": {"version": NGFF_VERSION, "multiscales": _multiscales(list(_SPACE), name), "image-label": label}}
+
+
+def write_ngff_image(
+    parent: zarr.Group, name: str, pixels: np.ndarray, channels: list[str], colours: list[str], chunk: int
+) -> zarr.Group:
+    """An NGFF image group ``name`` under ``parent``: ``pixels`` (C, Y, X), channel names and colours in omero."""
+    _, h, w = pixels.shape
+    group = parent.create_group(name)
+    arr = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=(1, min(chunk, h), min(chunk, w)),
+                             dimension_names=("c", "y", "x"))
+    arr[...] = pixels
+    top = int(np.percentile(pixels, 99.5)) if pixels.size else 1
+    group.attrs.update(_image_attrs(name, channels, colours, max(top, 1)))
+    return group
+
+
+def write_ngff_labels(
+    image: zarr.Group,
+    labels: dict[str, np.ndarray],
+    colors: dict[str, list[dict[str, Any]]],
+    chunk: int,
+    properties: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """NGFF label images (Y, X) under ``image/labels``, each with its ``image-label`` colours and properties."""
+    group = image.require_group("labels")
+    group.attrs["ome"] = {"version": NGFF_VERSION, "labels": list(labels)}
+    for name, values in labels.items():
+        label = group.create_group(name)
+        arr = label.create_array("0", shape=values.shape, dtype=values.dtype,
+                                 chunks=tuple(min(chunk, n) for n in values.shape), dimension_names=("y", "x"))
+        arr[...] = values
+        label.attrs.update(_label_attrs(name, colors[name], (properties or {}).get(name)))
 
 
 # ---------------------------------------------------------------- writing
 class StoreWriter:
     """Writes a new store; ``finish`` marks it complete, ``abort`` removes it."""
 
-    def __init__(self, url: str, meta: StoreMeta, overwrite: bool = False, chunk: int = 256) -> None:
+    def __init__(
+        self, url: str, meta: StoreMeta, overwrite: bool = False, chunk: int = 256, colours: list[str] | None = None
+    ) -> None:
         if store_complete(url) and not overwrite:
             raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
         remove(url)  # a complete store being replaced, or what an interrupted ingest left
         self.url = url
         self.meta = meta
         self.chunk = chunk
+        self.colours = colours or channel_colours(meta.channels)
         meta.complete = False
         with waiting(url):
             self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
@@ -337,24 +366,8 @@ class StoreWriter:
         """Write one field: ``pixels`` (C, Y, X) uint16 and ``mask`` (Y, X) bool."""
         name = image_name(sample, field_id)
         with waiting(join(self.url, "images", name)):
-            self._write_image(name, pixels, mask)
-
-    def _write_image(self, name: str, pixels: np.ndarray, mask: np.ndarray) -> None:
-        _, h, w = pixels.shape
-        group = self.images.create_group(name)
-        chunks = (1, min(self.chunk, h), min(self.chunk, w))
-        arr = group.create_array("0", shape=pixels.shape, dtype=pixels.dtype, chunks=chunks,
-                                 dimension_names=("c", "y", "x"))
-        arr[...] = pixels
-        top = int(np.percentile(pixels, 99.5)) if pixels.size else 1
-        group.attrs.update(_image_attrs(name, self.meta.channels, max(top, 1)))
-        labels = group.create_group("labels")
-        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [MASK_NAME]}
-        label = labels.create_group(MASK_NAME)
-        marr = label.create_array("0", shape=mask.shape, dtype="uint8", chunks=chunks[1:],
-                                  dimension_names=("y", "x"))
-        marr[...] = mask.astype(np.uint8)
-        label.attrs.update(_label_attrs(MASK_NAME))
+            group = write_ngff_image(self.images, name, pixels, self.meta.channels, self.colours, self.chunk)
+            write_ngff_labels(group, {MASK_NAME: mask.astype(np.uint8)}, {MASK_NAME: MASK_COLOURS}, self.chunk)
 
     def write_flat(self, plate: str, flat: np.ndarray) -> None:
         """The flat-field divided out of one plate's fields, (C, Y, X) float32, under ``illumination/``."""
@@ -412,9 +425,27 @@ class ImageStore:
         """One channel of one field, (Y, X), as stored; reads only that channel's chunks."""
         return self._read(f"images/{image_name(sample, field_id)}/0", index)
 
+    def channel_colours(self) -> list[str]:
+        """``RRGGBB`` display colour per channel from the first image's NGFF omero metadata.
+
+        A store without them (or with a channel missing) falls back to the palette of :mod:`cellmi.colours`.
+        """
+        images = self.meta.images()
+        try:
+            found = self.root[f"images/{image_name(*images[0])}"].attrs["ome"]["omero"]["channels"]
+            colours = [str(ch["color"]).lstrip("#").upper() for ch in found]
+        except (IndexError, KeyError, TypeError):
+            colours = []
+        return colours if len(colours) == len(self.meta.channels) else channel_colours(self.meta.channels)
+
     def read_mask(self, sample: str, field_id: str) -> np.ndarray:
         """Foreground mask of one field, (Y, X) bool."""
         return self._read(f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0").astype(bool)
+
+    def field_shape(self, sample: str, field_id: str) -> tuple[int, int]:
+        """(Y, X) of one field, from the array's metadata (no pixels read); fields may differ in shape."""
+        _, height, width = self.root[f"images/{image_name(sample, field_id)}/0"].shape
+        return int(height), int(width)
 
     def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(C, Y, X) raw, (Y, X) foreground -> float32 ``(log_c - mean_c) / std_c``.

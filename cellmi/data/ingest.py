@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cellmi.colours import channel_colours
 from cellmi.data.illumination import MIN_FIELDS, Check, FlatFields, corner_ratio, load_flats
 from cellmi.data.intensity import Levels, field_levels, log_intensity, store_pedestal
 from cellmi.data.layout import Field, by_field, channel_names, match_files, pattern_of, safe_id
@@ -336,7 +337,8 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, str,
     cfg = settings.ingest
     correct = correct or Correction()
     meta.intensity = cfg.intensity
-    writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk)
+    writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk,
+                         colours=channel_colours(meta.channels, cfg.colors))
     stats = IntensityStats(cfg.intensity)
     workers = cfg.workers or os.cpu_count() or 1
 

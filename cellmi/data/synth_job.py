@@ -32,7 +32,9 @@ KEEP_BYTES = 2 << 30
 
 def _screen(settings: Settings):
     cfg = settings.synth
-    return synth_screen(cfg.samples, cfg.fields, cfg.size, cfg.seed, workers=settings.ingest.workers or 2)
+    return synth_screen(
+        cfg.samples, cfg.fields, cfg.size, cfg.seed, workers=settings.ingest.workers or 2, variation=cfg.variation
+    )
 
 
 def synth_store(settings: Settings, url: str) -> StoreMeta:
@@ -56,7 +58,9 @@ def synth_store(settings: Settings, url: str) -> StoreMeta:
         split=choose_split(samples, settings.ingest),
         shape=(cfg.size, cfg.size),
         phenotypes=phenotypes,
-        provenance=provenance(f"synthetic(seed={cfg.seed})", digest(ingest_fingerprint(settings))),
+        provenance=provenance(
+            f"synthetic(seed={cfg.seed}, variation={cfg.variation})", digest(ingest_fingerprint(settings))
+        ),
     )
     log.info("generating the synthetic screen: %d samples x %d fields, %d px", cfg.samples, cfg.fields, cfg.size)
     meta.illumination, correct = _illumination(settings, meta, screen)

@@ -45,7 +45,7 @@ def test_transfluor_plate_with_a_plate_map(tmp_path):
         assert (table["Metadata_phenotype"] == table["Metadata_treatment"]).all()  # label_by
     assert sorted(set(images["Metadata_sample"])) == ["O01", "O02", "O03", "O04"]
     assert len(images) == 12
-    assert "GFP" in report
+    assert "GFP" in report and "Metadata_treatment" in report and "agonist" in report
 
 
 def write_generic(raw: Path, samples: int = 6, fields: int = 2, shape=(160, 224)) -> None:
