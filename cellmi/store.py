@@ -371,11 +371,12 @@ class StoreWriter:
 
     def write_flat(self, plate: str, flat: np.ndarray) -> None:
         """The flat-field divided out of one plate's fields, (C, Y, X) float32, under ``illumination/``."""
-        group = self.root.require_group("illumination")
-        arr = group.create_array(str(len(group.attrs.get("plates", []))), shape=flat.shape, dtype="float32",
-                                 chunks=(1, *flat.shape[1:]), dimension_names=("c", "y", "x"))
-        arr[...] = flat
-        group.attrs["plates"] = [*group.attrs.get("plates", []), plate]
+        with waiting(join(self.url, "illumination")):
+            group = self.root.require_group("illumination")
+            arr = group.create_array(str(len(group.attrs.get("plates", []))), shape=flat.shape, dtype="float32",
+                                     chunks=(1, *flat.shape[1:]), dimension_names=("c", "y", "x"))
+            arr[...] = flat
+            group.attrs["plates"] = [*group.attrs.get("plates", []), plate]
 
     def finish(self) -> StoreMeta:
         """Mark the store complete; readers accept it only from now on."""
@@ -444,7 +445,9 @@ class ImageStore:
 
     def field_shape(self, sample: str, field_id: str) -> tuple[int, int]:
         """(Y, X) of one field, from the array's metadata (no pixels read); fields may differ in shape."""
-        _, height, width = self.root[f"images/{image_name(sample, field_id)}/0"].shape
+        key = f"images/{image_name(sample, field_id)}/0"
+        with waiting(join(self.url, key)):
+            _, height, width = self.root[key].shape
         return int(height), int(width)
 
     def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
