@@ -31,6 +31,7 @@ import zarr
 
 from cellmi.errors import IncompleteStoreError, UserError
 from cellmi.store import exists, image_name, join, read_bytes, write_bytes_atomic, zarr_store
+from cellmi.watchdog import waiting
 
 REPR_ZARR = "representations.zarr"
 REPR_PARQUET = "representations.parquet"
@@ -62,6 +63,11 @@ def sort_order(table: pd.DataFrame) -> np.ndarray:
 
 def write_representations(url: str, reps: Representations) -> None:
     """Write a complete representations store (rows sorted first) and mark it complete last."""
+    with waiting(url):
+        _write(url, reps)
+
+
+def _write(url: str, reps: Representations) -> None:
     order = sort_order(reps.table)
     table = reps.table.iloc[order].reset_index(drop=True)
     root = zarr.open_group(zarr_store(url), mode="a", zarr_format=3)
@@ -85,12 +91,13 @@ def load_representations(url: str) -> Representations:
     """Read a complete representations store; an incomplete one is an error that says so."""
     if not exists(join(url, "zarr.json")):
         raise UserError(f"{url}: no representations here (run `cellmi infer` first)")
-    root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
-    attrs = dict(root.attrs.get("cellmi", {}))
-    if not attrs.get("complete"):
-        raise IncompleteStoreError(f"{url}: representations are incomplete (inference did not finish)")
-    table = pd.DataFrame({name: _column(root[name][...], name) for name in META_COLUMNS})
-    features = {name: root[name][...] for name in attrs["feature_sets"]}
+    with waiting(url):
+        root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
+        attrs = dict(root.attrs.get("cellmi", {}))
+        if not attrs.get("complete"):
+            raise IncompleteStoreError(f"{url}: representations are incomplete (inference did not finish)")
+        table = pd.DataFrame({name: _column(root[name][...], name) for name in META_COLUMNS})
+        features = {name: root[name][...] for name in attrs["feature_sets"]}
     return Representations(table, features, attrs)
 
 

@@ -442,6 +442,37 @@ class ClusterSettings(Section):
         return self
 
 
+class TimeoutSettings(Section):
+    """How long to wait on storage (S3) and Dask before giving up: exit status 75, safe to retry."""
+
+    s3_connect_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
+    s3_read_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds an S3 request may wait for the next bytes of an answer (uploading: for the endpoint to "
+        "take the next bytes) before it is retried.",
+    )
+    s3_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="Tries of each S3 request (the first included), with exponential backoff between them; with "
+        "the defaults an endpoint that stays silent is given up on within about two minutes.",
+    )
+    dask_s: float = Field(
+        60.0,
+        gt=0,
+        description="Dask connect and TCP timeouts, and (embedded cluster) how long a worker may miss its heartbeats "
+        "before its tasks move to another worker.",
+    )
+    stall_s: float = Field(
+        600.0,
+        gt=0,
+        description="A stage waiting on storage or Dask that makes no progress (no field, step or file done) for this "
+        "long stops with one line naming what it waited on, exit status 75.",
+    )
+
+
 class Settings(BaseSettings):
     """All of cellmi's settings."""
 
@@ -464,11 +495,12 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training.")
     infer: InferSettings = Field(default_factory=InferSettings, description="Inference.")
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Clustering and report.")
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings, description="Storage and Dask timeouts.")
 
     _urls = field_validator("workdir", "source")(check_url)
 
 
-SECTIONS = ("synth", "ingest", "model", "train", "infer", "cluster")
+SECTIONS = ("synth", "ingest", "model", "train", "infer", "cluster", "timeouts")
 
 
 def env_names() -> set[str]:

@@ -16,7 +16,9 @@ last image is written; opening a store that is not complete is an error.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,8 @@ from zarr.storage import FsspecStore, LocalStore
 from cellmi import __version__
 from cellmi.colours import channel_colours
 from cellmi.data.intensity import Levels, field_levels, log_intensity
-from cellmi.errors import IncompleteStoreError, UserError
+from cellmi.errors import IncompleteStoreError, UserError, is_infrastructure
+from cellmi.watchdog import waiting
 
 NGFF_VERSION = "0.5"
 MASK_NAME = "foreground"
@@ -48,33 +51,98 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+@dataclass(frozen=True)
+class S3Limits:
+    """Timeouts and tries of every S3 request (settings ``timeouts.s3_*``); plain values, so Dask
+    tasks can carry them to workers."""
+
+    connect_s: float = 10.0
+    read_s: float = 20.0
+    attempts: int = 5
+
+
+_limits = S3Limits()
+
+
+def set_s3_limits(limits: S3Limits) -> None:
+    """Use these limits for every S3 file system and store opened from now on in this process."""
+    global _limits
+    _limits = limits
+
+
+def s3_limits() -> S3Limits:
+    return _limits
+
+
 def s3_options() -> dict[str, Any]:
-    """s3fs options: credentials come from the standard AWS chain, the endpoint from AWS_ENDPOINT_URL."""
-    options: dict[str, Any] = {}
+    """s3fs options: credentials come from the standard AWS chain, the endpoint from AWS_ENDPOINT_URL.
+
+    botocore retries a timed-out or refused request (standard mode: exponential backoff with
+    jitter, at most 20 s between tries) ``attempts`` times in all; each try waits ``connect_s`` for
+    the connection and ``read_s`` for each piece of the answer.
+    """
+    options: dict[str, Any] = {"session": _session()}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
-    retries = int(os.environ.get("AWS_MAX_ATTEMPTS", "3"))  # the AWS CLI's own variable
     options["config_kwargs"] = {
-        "retries": {"max_attempts": retries, "mode": "standard"},
-        "connect_timeout": 5,
-        "read_timeout": 30,
+        "retries": {"total_max_attempts": _limits.attempts, "mode": "standard"},  # max_attempts: retries only
+        "connect_timeout": _limits.connect_s,
+        "read_timeout": _limits.read_s,
+        "connector_args": {"socket_factory": _socket},
     }
     return options
+
+
+def _socket(addr_info: Any) -> socket.socket:
+    """A TCP socket that gives up when data it sent stays unacknowledged, or unsent because the
+    peer stopped reading, for about ``read_s``: aiohttp has no write timeout, so an upload larger
+    than the socket buffers to an endpoint that stopped answering would otherwise never end.
+
+    Linux aborts a connection whose peer keeps a zero window only about twice TCP_USER_TIMEOUT
+    after it closed (measured: 41 s for 20 s, 11 s for 5 s), hence half of ``read_s``.
+    """
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_limits.read_s * 500))
+    return sock
+
+
+@functools.cache
+def _session() -> Any:
+    """The botocore session of every S3 client in this process, without ``Expect: 100-continue`` on
+    uploads: aiohttp waits for the server's "100 Continue" with no timeout, so an upload to an
+    endpoint that stopped answering would wait past every limit above."""
+    from aiobotocore.session import AioSession
+    from botocore.handlers import add_expect_header
+
+    session = AioSession()
+    session.unregister("before-call.s3", add_expect_header)
+    return session
+
+
+def _s3(asynchronous: bool = False) -> fsspec.AbstractFileSystem:
+    # Zarr's async instances are shared (fsspec's cache, keyed by the options) as FsspecStore.from_url
+    # shares them; each would otherwise leave an open HTTP session behind.
+    fs = fsspec.filesystem("s3", skip_instance_cache=not asynchronous, asynchronous=asynchronous, **s3_options())
+    # s3fs repeats a failed call 5 times on top of botocore's tries: 5 x the bound. botocore's
+    # tries (with backoff) are the one retry policy.
+    fs.retries = 1
+    return fs
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec file system of a URL and the path inside it."""
     if is_s3(url):
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
-        return fs, url[len("s3://") :]
+        return _s3(), url[len("s3://") :]
     return fsspec.filesystem("file"), os.path.abspath(url)
 
 
 def zarr_store(url: str, read_only: bool = False) -> Any:
     """A Zarr v3 store object for a local path or an ``s3://`` URL."""
     if is_s3(url):
-        return FsspecStore.from_url(url, storage_options=s3_options(), read_only=read_only)
+        return FsspecStore(_s3(asynchronous=True), path=url[len("s3://") :], read_only=read_only)
     if not read_only:
         os.makedirs(url, exist_ok=True)
     return LocalStore(url, read_only=read_only)
@@ -82,19 +150,22 @@ def zarr_store(url: str, read_only: bool = False) -> Any:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with waiting(url):
+        return fs.exists(path)
 
 
 def remove(url: str) -> None:
     """Delete a file or folder tree, local or on S3; missing is fine."""
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with waiting(url):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def read_bytes(url: str) -> bytes:
+    """A whole file, local or S3 (timeouts and retries as in :func:`s3_options`)."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
+    with waiting(url), fs.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -102,7 +173,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write a whole file so that readers never see half of it (temp + rename; one PUT on S3)."""
     fs, path = filesystem(url)
     if is_s3(url):
-        fs.pipe_file(path, data)
+        with waiting(url):
+            fs.pipe_file(path, data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -277,41 +349,51 @@ class StoreWriter:
     def __init__(
         self, url: str, meta: StoreMeta, overwrite: bool = False, chunk: int = 256, colours: list[str] | None = None
     ) -> None:
-        if exists(join(url, "zarr.json")):
-            if not overwrite:
-                raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
-            remove(url)
+        if store_complete(url) and not overwrite:
+            raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
+        remove(url)  # a complete store being replaced, or what an interrupted ingest left
         self.url = url
         self.meta = meta
         self.chunk = chunk
         self.colours = colours or channel_colours(meta.channels)
         meta.complete = False
-        self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
-        self.root.attrs["cellmi"] = meta.to_json()
-        self.images = self.root.create_group("images")
+        with waiting(url):
+            self.root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
+            self.root.attrs["cellmi"] = meta.to_json()
+            self.images = self.root.create_group("images")
 
     def write_image(self, sample: str, field_id: str, pixels: np.ndarray, mask: np.ndarray) -> None:
         """Write one field: ``pixels`` (C, Y, X) uint16 and ``mask`` (Y, X) bool."""
-        group = write_ngff_image(self.images, image_name(sample, field_id), pixels, self.meta.channels, self.colours,
-                                 self.chunk)
-        write_ngff_labels(group, {MASK_NAME: mask.astype(np.uint8)}, {MASK_NAME: MASK_COLOURS}, self.chunk)
+        name = image_name(sample, field_id)
+        with waiting(join(self.url, "images", name)):
+            group = write_ngff_image(self.images, name, pixels, self.meta.channels, self.colours, self.chunk)
+            write_ngff_labels(group, {MASK_NAME: mask.astype(np.uint8)}, {MASK_NAME: MASK_COLOURS}, self.chunk)
 
     def write_flat(self, plate: str, flat: np.ndarray) -> None:
         """The flat-field divided out of one plate's fields, (C, Y, X) float32, under ``illumination/``."""
-        group = self.root.require_group("illumination")
-        arr = group.create_array(str(len(group.attrs.get("plates", []))), shape=flat.shape, dtype="float32",
-                                 chunks=(1, *flat.shape[1:]), dimension_names=("c", "y", "x"))
-        arr[...] = flat
-        group.attrs["plates"] = [*group.attrs.get("plates", []), plate]
+        with waiting(join(self.url, "illumination")):
+            group = self.root.require_group("illumination")
+            arr = group.create_array(str(len(group.attrs.get("plates", []))), shape=flat.shape, dtype="float32",
+                                     chunks=(1, *flat.shape[1:]), dimension_names=("c", "y", "x"))
+            arr[...] = flat
+            group.attrs["plates"] = [*group.attrs.get("plates", []), plate]
 
     def finish(self) -> StoreMeta:
         """Mark the store complete; readers accept it only from now on."""
         self.meta.complete = True
-        self.root.attrs["cellmi"] = self.meta.to_json()
+        with waiting(join(self.url, "zarr.json")):
+            self.root.attrs["cellmi"] = self.meta.to_json()
         return self.meta
 
-    def abort(self) -> None:
-        """Remove what was written so no half-written store is left behind."""
+    def abort(self, cause: BaseException | None = None) -> None:
+        """Remove what was written so no half-written store is left behind.
+
+        When the storage stopped answering (``cause`` is an infrastructure fault) nothing is
+        removed, since that would wait out the timeouts once more: the store stays marked
+        incomplete, which every reader refuses and the next ingest replaces.
+        """
+        if cause is not None and is_infrastructure(cause):
+            return
         remove(self.url)
 
 
@@ -323,21 +405,26 @@ class ImageStore:
         self.url = url
         if not exists(join(url, "zarr.json")):
             raise UserError(f"{url}: no image store here (run `cellmi ingest` first)")
-        self.root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
-        data = self.root.attrs.get("cellmi")
+        with waiting(url):
+            self.root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
+            data = self.root.attrs.get("cellmi")
         if data is None:
             raise UserError(f"{url}: not a cellmi image store (no cellmi metadata)")
         self.meta = StoreMeta.from_json(data)
         if not self.meta.complete:
             raise IncompleteStoreError(f"{url}: store is incomplete (ingest did not finish); re-run ingest")
 
+    def _read(self, key: str, index: Any = Ellipsis) -> np.ndarray:
+        with waiting(join(self.url, key)):
+            return self.root[key][index]
+
     def read_image(self, sample: str, field_id: str) -> np.ndarray:
         """Pixels of one field, (C, Y, X), as stored (uint16)."""
-        return self.root[f"images/{image_name(sample, field_id)}/0"][...]
+        return self._read(f"images/{image_name(sample, field_id)}/0")
 
     def read_channel(self, sample: str, field_id: str, index: int) -> np.ndarray:
         """One channel of one field, (Y, X), as stored; reads only that channel's chunks."""
-        return self.root[f"images/{image_name(sample, field_id)}/0"][index]
+        return self._read(f"images/{image_name(sample, field_id)}/0", index)
 
     def channel_colours(self) -> list[str]:
         """``RRGGBB`` display colour per channel from the first image's NGFF omero metadata.
@@ -354,12 +441,13 @@ class ImageStore:
 
     def read_mask(self, sample: str, field_id: str) -> np.ndarray:
         """Foreground mask of one field, (Y, X) bool."""
-        arr = self.root[f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0"]
-        return arr[...].astype(bool)
+        return self._read(f"images/{image_name(sample, field_id)}/labels/{MASK_NAME}/0").astype(bool)
 
     def field_shape(self, sample: str, field_id: str) -> tuple[int, int]:
         """(Y, X) of one field, from the array's metadata (no pixels read); fields may differ in shape."""
-        _, height, width = self.root[f"images/{image_name(sample, field_id)}/0"].shape
+        key = f"images/{image_name(sample, field_id)}/0"
+        with waiting(join(self.url, key)):
+            _, height, width = self.root[key].shape
         return int(height), int(width)
 
     def normalise(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -385,3 +473,12 @@ class ImageStore:
 
 def open_store(url: str) -> ImageStore:
     return ImageStore(url)
+
+
+def store_complete(url: str) -> bool:
+    """Whether a Zarr group at ``url`` exists and its cellmi metadata say ``complete``."""
+    if not exists(join(url, "zarr.json")):
+        return False
+    with waiting(url):
+        group = zarr.open_group(zarr_store(url, read_only=True), mode="r")
+        return bool(group.attrs.get("cellmi", {}).get("complete"))

@@ -88,6 +88,7 @@ from cellmi.representations import (
 )
 from cellmi.settings import ClusterSettings, Settings, as_dict
 from cellmi.store import exists, join, open_store, read_bytes, remove, write_bytes_atomic
+from cellmi.watchdog import dask_config
 
 ANALYSIS = "analysis"
 APPLIED = "applied"
@@ -188,18 +189,20 @@ def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
     if to_place == 0 or (not address and to_place < LOCAL_DASK_ABOVE):
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
-    if address:
-        with Client(address) as client:
+    with dask.config.set(dask_config(settings.timeouts)):  # a scheduler that stops answering is given up on
+        if address:
+            with Client(address, timeout=f"{settings.timeouts.dask_s:g}s") as client:
+                yield client
+            return
+        workers = settings.infer.workers or os.cpu_count() or 1
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
-        return
-    workers = settings.infer.workers or os.cpu_count() or 1
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 # ---------------------------------------------------------------- clustering

@@ -34,11 +34,13 @@ from cellmi.store import (
     NGFF_VERSION,
     ImageStore,
     image_name,
+    join,
     remove,
     write_ngff_image,
     write_ngff_labels,
     zarr_store,
 )
+from cellmi.watchdog import waiting
 
 MAPS = "maps.zarr"
 CLUSTERS = "clusters"
@@ -91,11 +93,12 @@ def write_maps(
         painted = paint(pixels.shape[1:], rows[["y", "x"]].to_numpy(np.int64), window, rows["cluster"].to_numpy())
         mask = store.read_mask(str(sample), str(field)).astype(np.uint8)
         name = image_name(str(sample), str(field))
-        image = write_ngff_image(root, name, pixels, store.meta.channels, channel_colours, chunk)
-        write_ngff_labels(
-            image, {CLUSTERS: painted, MASK_NAME: mask}, {CLUSTERS: colours, MASK_NAME: MASK_COLOURS}, chunk,
-            {CLUSTERS: properties},
-        )
+        with waiting(join(url, name)):
+            image = write_ngff_image(root, name, pixels, store.meta.channels, channel_colours, chunk)
+            write_ngff_labels(
+                image, {CLUSTERS: painted, MASK_NAME: mask}, {CLUSTERS: colours, MASK_NAME: MASK_COLOURS}, chunk,
+                {CLUSTERS: properties},
+            )
         names.append(name)
     root.attrs["cellmi"] = {"maps": names, "window": window, "n_clusters": n_clusters, "ngff": NGFF_VERSION}
     log.info("cluster: %d cluster maps at %s", len(names), url)

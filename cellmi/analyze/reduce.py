@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cellmi.errors import UserError
 from cellmi.log import log
+from cellmi.watchdog import gather
 
 # umap-learn picks fewer transform epochs above 10,000 points per call; stay below it so the
 # result does not depend on the chunk size.
@@ -131,7 +132,7 @@ def embed(reducer: Reducer, x: np.ndarray, client: Any = None, chunk: int = CHUN
         futures = client.map(
             _transform_chunk, [model] * n, [rows[p] for p in pieces], [anchor] * n, pure=False
         )
-        results = client.gather(futures)
+        results = gather(futures, f"the Dask cluster {client.scheduler.address}")
     for piece, result in zip(pieces, results, strict=True):
         out[piece] = result
     return out

@@ -48,7 +48,10 @@ from cellmi.store import (
     is_s3,
     join,
     provenance,
+    read_bytes,
+    store_complete,
 )
+from cellmi.watchdog import waiting
 
 PHENOTYPE_FILE = "phenotypes.json"
 MAX_LISTED = 20
@@ -61,9 +64,10 @@ R = TypeVar("R")
 def list_files(source: str) -> list[str]:
     """Every file below ``source`` (local folder or s3:// prefix), as URLs, sorted."""
     fs, path = filesystem(source)
-    if not fs.exists(path) or not fs.isdir(path):
-        raise UserError(f"{source}: source folder does not exist")
-    found = sorted(fs.find(path))
+    with waiting(source):
+        if not fs.exists(path) or not fs.isdir(path):
+            raise UserError(f"{source}: source folder does not exist")
+        found = sorted(fs.find(path))
     return [f"s3://{p}" if is_s3(source) else p for p in found]
 
 
@@ -176,10 +180,7 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
 
 
 def _read_url(url: str) -> np.ndarray:
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as handle:
-        data = handle.read()
-    return read_image_file(data, url.rsplit("/", 1)[-1])
+    return read_image_file(read_bytes(url), url.rsplit("/", 1)[-1])
 
 
 def _where(field: Field) -> str:
@@ -356,8 +357,8 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, str,
                 stats.add(pixels, mask)
         meta.stats, meta.pedestal = stats.result()
         return writer.finish()
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.abort(err)
         raise
 
 
@@ -407,12 +408,10 @@ def _record(method: str, chosen: dict[str, np.ndarray], flats: FlatFields, check
 
 def read_phenotypes(source: str) -> dict[str, str]:
     """Known phenotype per sample from an optional ``phenotypes.json`` in the source folder."""
-    fs, path = filesystem(join(source, PHENOTYPE_FILE))
-    if not fs.exists(path):
+    if not exists(join(source, PHENOTYPE_FILE)):
         return {}
     try:
-        with fs.open(path, "rb") as handle:
-            data = json.load(handle)
+        data = json.loads(read_bytes(join(source, PHENOTYPE_FILE)))  # a timeout is no OSError here
     except (ValueError, OSError) as err:
         raise UserError(f"{join(source, PHENOTYPE_FILE)}: not a JSON object of sample -> phenotype ({err})") from None
     return {str(k): str(v) for k, v in data.items()}
@@ -480,7 +479,7 @@ def ingest_fingerprint(settings: Settings) -> dict[str, Any]:
 
 def refuse_existing(url: str, settings: Settings) -> None:
     """Refuse early, before any reading, to replace a store unless told to."""
-    if exists(join(url, "zarr.json")) and not (settings.ingest.overwrite or settings.force):
+    if store_complete(url) and not (settings.ingest.overwrite or settings.force):
         raise UserError(f"{url}: a store already exists here (set CELLMI_INGEST__OVERWRITE=true to replace it)")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from cellmi.errors import UserError
 from cellmi.store import exists, filesystem, image_name, join, read_bytes, remove, write_bytes_atomic
+from cellmi.watchdog import waiting
 
 __all__ = ["FieldResult", "done_names", "prepare_parts", "read_parts", "write_part"]
 
@@ -92,9 +93,10 @@ def prepare_parts(url: str, key: str, fresh: bool = False) -> None:
 def done_names(url: str) -> set[str]:
     """Names ``{sample}_{field}`` of the fields whose done marker exists."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        return set()
-    return {os.path.basename(p)[: -len(".done")] for p in fs.glob(f"{path}/*.done")}
+    with waiting(url):
+        if not fs.exists(path):
+            return set()
+        return {os.path.basename(p)[: -len(".done")] for p in fs.glob(f"{path}/*.done")}
 
 
 def write_part(url: str, result: FieldResult, run_id: str) -> None:
@@ -117,7 +119,8 @@ def _cat(url: str, names: list[str]) -> dict[str, bytes]:
     """Many small files at once (s3fs fetches them concurrently)."""
     fs, path = filesystem(url)
     paths = [f"{path}/{n}" for n in names]
-    got = fs.cat(paths) if paths else {}
+    with waiting(url):
+        got = fs.cat(paths) if paths else {}
     return {os.path.basename(p): got[p] for p in paths}
 
 

@@ -18,7 +18,7 @@ from cellmi.infer.embed import EncoderLike, embed_naive, embed_shared, embed_vie
 from cellmi.infer.handcrafted import window_features
 from cellmi.infer.parts import FieldResult, done_names, write_part
 from cellmi.infer.windows import foreground_fraction, window_grid
-from cellmi.store import ImageStore, image_name, open_store
+from cellmi.store import ImageStore, S3Limits, image_name, open_store, set_s3_limits
 
 __all__ = ["InferJob", "Models", "embed_field", "load_models", "run_task"]
 
@@ -40,6 +40,7 @@ class InferJob:
     batch_windows: int
     baseline_seed: int
     run_id: str
+    s3: S3Limits  # the client's timeouts.s3_*: workers elsewhere do not see its flags
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ def embed_field(job: InferJob, store: ImageStore, models: Models, sample: str, f
 def run_task(job: InferJob, fields: list[tuple[str, str]], threads: int = 1) -> list[str]:
     """Embed the fields not done yet and write their parts; returns the names computed here."""
     torch.set_num_threads(threads)
+    set_s3_limits(job.s3)
     store = _store(job.store, job.run_id)
     models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed)
     done = done_names(job.parts) if len(fields) > 1 else set()

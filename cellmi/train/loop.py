@@ -21,6 +21,7 @@ from cellmi.train.data import Batch, CropLoader
 from cellmi.train.distributed import DistInfo, any_rank, broadcast_object, mean_over_ranks
 from cellmi.train.state import Trainer, build_trainer, checkpoint_state, restore, wrap_distributed
 from cellmi.train.step import METRICS, train_step
+from cellmi.watchdog import mark_progress, waiting
 
 __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_training"]
 
@@ -58,7 +59,8 @@ class MetricsLog:
         self.lines.append(json.dumps(record))
         data = ("\n".join(self.lines) + "\n").encode()
         if is_s3(self.url):
-            self.fs.pipe_file(self.path, data)  # a single PUT: readers see the old or the new file
+            with waiting(self.url):
+                self.fs.pipe_file(self.path, data)  # a single PUT: readers see the old or the new file
         else:
             write_bytes_atomic(self.url, data)
 
@@ -234,6 +236,7 @@ def _step(run: _Run, batches: Iterator[Batch]) -> None:
     run.window_sum = values if run.window_sum is None else run.window_sum + values
     run.window_steps += 1
     run.bar.update(1)
+    mark_progress()
     if trainer.step % cfg.log_every == 0:
         _log(run, run.window_sum / run.window_steps)
     if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps and run.dist.rank == 0:
@@ -248,7 +251,8 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
     with torch_threads(settings.train.threads, dist) as threads:
         run = _start(settings, dist, threads)
         try:
-            with sigterm_flag() as signalled:
+            # A step waits on crops from the store and, under torchrun, on the other processes.
+            with sigterm_flag() as signalled, waiting(f"the next training step ({dist.world} process(es))"):
                 batches = run.loader.batches(run.trainer.step)
                 while (reason := stop_reason(run.trainer, settings, signalled["set"], dist)) is None:
                     _step(run, batches)

@@ -11,7 +11,7 @@ import pytest
 
 from cellmi.data.readers import write_dib
 from cellmi.store import open_store
-from tests.clirun import CodePayload
+from tests.clirun import CodePayload, assert_one_line_error
 
 CHANNELS = ("DNA", "pH3", "actin")
 
@@ -32,16 +32,6 @@ def raw_folder(path, samples=3, size=48):
         for c, name in enumerate(CHANNELS):
             (path / f"{s:04d}1-{name}.DIB").write_bytes(write_dib(pixels[c]))
     return path
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
-    assert len(errors) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr
-    return errors[0]
 
 
 def tiff_bytes(array):
@@ -127,11 +117,13 @@ def test_bad_settings(tmp_path, env, fragment):
 
 
 def test_unreachable_s3_endpoint_fails_fast(tmp_path):
+    """Nothing listens there: an infrastructure fault (it may be restarting), retried with backoff, then 75."""
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "fake-id",
-           "AWS_SECRET_ACCESS_KEY": "fake-secret-value"}
+           "AWS_SECRET_ACCESS_KEY": "fake-secret-value", "CELLMI_TIMEOUTS__S3_ATTEMPTS": "2"}
     start = time.monotonic()
     proc = cellmi("ingest", "--source", "s3://bucket/raw", "--workdir", str(tmp_path / "w"), env=env, timeout=120)
-    assert_one_line_error(proc, "S3 endpoint unreachable")
+    assert_one_line_error(proc, "waiting on s3://bucket/raw", 'Could not connect to the endpoint URL: "http://127.0.0.1:9',
+                          "safe to retry (exit status 75)", code=75)
     assert "fake-secret-value" not in proc.stderr + proc.stdout
     assert time.monotonic() - start < 100  # bounded retries, not a hang
 
