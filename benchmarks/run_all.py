@@ -1,4 +1,4 @@
-"""Run every benchmark and write one JSON + Markdown summary (what the README's tables show).
+"""Run every benchmark and write one JSON + Markdown summary (what docs/results.md shows).
 
     python benchmarks/run_all.py                      # all of them (about 45 minutes on 2 cores)
     python benchmarks/run_all.py --only train infer   # some of them
@@ -37,7 +37,7 @@ TITLES = {
     "train": "Training speed",
     "infer": "Inference speed",
     "cluster": "Clustering time by number of windows",
-    "quality": "End-to-end `cellmi run` (default settings): time by stage and clustering quality, 3 splits",
+    "quality": "Quality protocol: `cellmi run` defaults on development and held-out synthetic draws",
 }
 
 

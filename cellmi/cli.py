@@ -2,7 +2,9 @@
 
 Jobs: synth, ingest, train, infer, cluster, run, config. Every flag is also an environment
 variable (``--train.steps 5`` is ``CELLMI_TRAIN__STEPS=5``); ``cellmi <job> --help`` lists them.
-User errors print one line and exit with status 2; credentials inside URLs are never printed.
+User errors print one line and exit with status 2, storage or cluster services that stop
+answering one line and status 75 (safe to retry; see cellmi.errors); credentials inside URLs
+are never printed.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from cellmi.errors import UserError
+from cellmi.errors import RETRY_NOTE, InfrastructureError, UserError, first_line, is_infrastructure, no_answer
 from cellmi.log import log, setup_logging
 from cellmi.settings import ENV_PREFIX, NESTED, Settings, as_dict, check_env, redact
+from cellmi.store import S3Limits, set_s3_limits
+from cellmi.watchdog import watch
 
 JOBS: dict[str, tuple[str, str]] = {
     "synth": ("cellmi.data.synth_job", "make the synthetic HT29-like screen (raw DIB folder or store)"),
@@ -84,12 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(rest, prog=f"cellmi {job}")
         setup_logging(settings.log_level)
-        return int(_job_function(job)(settings) or 0)
+        return run_job(job, settings)
     except ValidationError as err:
         print(f"cellmi {job}: error: {describe_validation(err)}", file=sys.stderr)
         return 2
     except UserError as err:
         print(redact(f"cellmi {job}: error: {err}"), file=sys.stderr)
+        return err.exit_code
+    except InfrastructureError as err:
+        log.debug("infrastructure fault", exc_info=True)
+        print(redact(f"cellmi {job}: error: {err}{RETRY_NOTE}"), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
@@ -100,17 +108,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         log.debug("storage error", exc_info=True)
         print(redact(f"cellmi {job}: error: {message}"), file=sys.stderr)
-        return 2
+        return UserError.exit_code
+
+
+def run_job(job: str, settings: Settings) -> int:
+    """Run one job with the storage limits of ``settings.timeouts`` and a progress watchdog."""
+    t = settings.timeouts
+    set_s3_limits(S3Limits(connect_s=t.s3_connect_s, read_s=t.s3_read_s, attempts=t.s3_attempts))
+    with watch(job, t.stall_s) as dog:
+        try:
+            return int(_job_function(job)(settings) or 0)
+        except Exception as err:
+            if is_infrastructure(err) and not isinstance(err, InfrastructureError):  # outside any marked wait
+                raise no_answer("a storage or cluster service", dog.quiet(), first_line(err)) from err
+            raise
 
 
 def describe_storage_error(err: Exception) -> str | None:
-    """One line for an unreachable or refusing storage endpoint; None for anything else (a bug)."""
+    """One line for a storage endpoint that refused a request or is misconfigured (not a timeout:
+    those are InfrastructureErrors by now); None for anything else (a bug)."""
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:  # pragma: no cover - s3fs brings botocore
         BotoCoreError = ClientError = ()  # type: ignore[misc,assignment]
     if isinstance(err, BotoCoreError):
-        return f"S3 endpoint unreachable or misconfigured: {err}"
+        return f"S3 endpoint misconfigured or credentials missing: {err}"
     if isinstance(err, ClientError):
         return f"S3 refused the request: {err}"
     if isinstance(err, PermissionError):

@@ -19,8 +19,8 @@ rendezvous with them:
     nothing                   one node (torchrun --standalone)
 
 The port is MASTER_PORT or PET_MASTER_PORT, default 29500. Settings are checked before
-torchrun starts, and a worker's user error (exit 2) is the launcher's exit status, so a
-Kubernetes podFailurePolicy can fail the Job at once instead of retrying.
+torchrun starts, and a worker's user error (exit 2) or infrastructure fault (exit 75) is the
+launcher's exit status, so a Kubernetes podFailurePolicy can fail the Job at once or retry it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from cellmi.errors import UserError
+from cellmi.errors import INFRA_EXIT, UserError
 from cellmi.log import log, setup_logging
 
 DEFAULT_PORT = 29500
@@ -220,7 +220,8 @@ def check_settings(job_args: Sequence[str]) -> None:
 
 
 def run_torchrun(args: list[str]) -> int:
-    """torchrun in this process; a worker's exit status 2 (user error) becomes ours."""
+    """torchrun in this process; a worker's exit status 2 (user error) or else 75 (infrastructure,
+    safe to retry) becomes ours, so the scheduler can fail fast or retry."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -229,7 +230,10 @@ def run_torchrun(args: list[str]) -> int:
     except ChildFailedError as err:
         codes = sorted({failure.exitcode for failure in err.failures.values()})
         log.error("training failed on this node (worker exit status %s)", ", ".join(map(str, codes)))
-        return UserError.exit_code if UserError.exit_code in codes else 1
+        for code in (UserError.exit_code, INFRA_EXIT):
+            if code in codes:
+                return code
+        return 1
     return 0
 
 

@@ -25,7 +25,8 @@ from cellmi import __version__
 from cellmi.errors import UserError
 from cellmi.log import log
 from cellmi.settings import Settings, as_dict, digest
-from cellmi.store import STORE_NAME, exists, join, read_bytes, remove, write_bytes_atomic
+from cellmi.store import STORE_NAME, exists, join, read_bytes, remove, store_complete, write_bytes_atomic
+from cellmi.watchdog import set_stage
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -56,7 +57,7 @@ STAGES = (
     Stage("ingest", "cellmi.data.ingest", ("source", "synth", "ingest"), STORE_NAME,
           ignore=("overwrite", "workers")),
     Stage("train", "cellmi.train.job", ("model", "train"), CHECKPOINTS,
-          ignore=("threads", "log_every", "dist_timeout_s", "keep_checkpoints", "cache_fields")),
+          ignore=("threads", "loader_threads", "log_every", "dist_timeout_s", "keep_checkpoints")),
     Stage("infer", "cellmi.infer.job", ("infer",), "representations.zarr",
           ignore=("scheduler_address", "workers", "retries", "memory_limit_gb", "fields_per_task")),
     Stage("cluster", "cellmi.analyze.job", ("cluster",), ANALYSIS, ignore=("apply_to",)),
@@ -116,14 +117,7 @@ def output_complete(workdir: str, stage: Stage) -> bool:
         return latest_checkpoint(url) is not None
     if stage.name == "cluster":
         return exists(join(url, "report.html"))
-    if not exists(join(url, "zarr.json")):
-        return False
-    import zarr
-
-    from cellmi.store import zarr_store
-
-    group = zarr.open_group(zarr_store(url, read_only=True), mode="r")
-    return bool(group.attrs.get("cellmi", {}).get("complete"))
+    return store_complete(url)
 
 
 def check_same_run(workdir: str, record: dict[str, Any], digests: dict[str, str], force: bool) -> None:
@@ -145,6 +139,7 @@ def run_stage(stage: Stage, settings: Settings) -> float:
     remove(join(settings.workdir, stage.output))
     start = time.perf_counter()
     log.info("== %s ==", stage.name)
+    set_stage(f"run ({stage.name})")
     code = _job(stage)(settings) or 0
     if code:
         raise UserError(f"stage {stage.name} failed with exit status {code}")

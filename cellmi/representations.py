@@ -4,7 +4,8 @@
 
     attributes["cellmi"]   {"complete", "window", "stride", "feature_sets", "handcrafted_names",
                             "checkpoint", "checkpoint_sha256", "store", "settings", "cellmi_version",
-                            "phenotypes", "focus": {sample: {field: focus score or null}}}
+                            "phenotypes", "field_metadata",
+                            "focus": {sample: {field: focus score or null}}}
     sample, field, split   (n,) str       one row per window, sorted by (sample, field, y, x)
     y, x                   (n,) int32     top-left corner of the window in the field
     fg_fraction            (n,) float32   foreground share of the window
@@ -15,7 +16,8 @@
 
 ``{workdir}/representations.parquet`` holds the same rows for pandas/pycytominer users:
 ``Metadata_sample, Metadata_field, Metadata_y, Metadata_x, Metadata_fg_fraction,
-Metadata_split, Metadata_background[, Metadata_phenotype]`` and DIM features ``f000 ...``.
+Metadata_split, Metadata_background[, Metadata_phenotype]``, the fields' own ``Metadata_*`` columns
+(plate, well, plate map) and DIM features ``f000 ...``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import pandas as pd
 import zarr
 
 from cellmi.errors import IncompleteStoreError, UserError
-from cellmi.store import exists, join, read_bytes, write_bytes_atomic, zarr_store
+from cellmi.store import exists, image_name, join, read_bytes, write_bytes_atomic, zarr_store
+from cellmi.watchdog import waiting
 
 REPR_ZARR = "representations.zarr"
 REPR_PARQUET = "representations.parquet"
@@ -61,6 +64,11 @@ def sort_order(table: pd.DataFrame) -> np.ndarray:
 
 def write_representations(url: str, reps: Representations) -> None:
     """Write a complete representations store (rows sorted first) and mark it complete last."""
+    with waiting(url):
+        _write(url, reps)
+
+
+def _write(url: str, reps: Representations) -> None:
     order = sort_order(reps.table)
     table = reps.table.iloc[order].reset_index(drop=True)
     root = zarr.open_group(zarr_store(url), mode="a", zarr_format=3)
@@ -84,12 +92,13 @@ def load_representations(url: str) -> Representations:
     """Read a complete representations store; an incomplete one is an error that says so."""
     if not exists(join(url, "zarr.json")):
         raise UserError(f"{url}: no representations here (run `cellmi infer` first)")
-    root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
-    attrs = dict(root.attrs.get("cellmi", {}))
-    if not attrs.get("complete"):
-        raise IncompleteStoreError(f"{url}: representations are incomplete (inference did not finish)")
-    table = pd.DataFrame({name: _column(root[name][...], name) for name in META_COLUMNS})
-    features = {name: root[name][...] for name in attrs["feature_sets"]}
+    with waiting(url):
+        root = zarr.open_group(zarr_store(url, read_only=True), mode="r", zarr_format=3)
+        attrs = dict(root.attrs.get("cellmi", {}))
+        if not attrs.get("complete"):
+            raise IncompleteStoreError(f"{url}: representations are incomplete (inference did not finish)")
+        table = pd.DataFrame({name: _column(root[name][...], name) for name in META_COLUMNS})
+        features = {name: root[name][...] for name in attrs["feature_sets"]}
     return Representations(table, features, attrs)
 
 
@@ -99,12 +108,23 @@ def _column(values: np.ndarray, name: str) -> np.ndarray:
     return values.astype(_DTYPES[name])
 
 
+def field_columns(table: pd.DataFrame, field_metadata: dict[str, dict[str, str]] | None) -> dict[str, np.ndarray]:
+    """Each row's field metadata (plate, well, plate-map columns: ``Metadata_*``), as the store recorded
+    it at ingest (``StoreMeta.metadata``, carried in the representations' attributes)."""
+    if not field_metadata:
+        return {}
+    names = [image_name(str(s), str(f)) for s, f in zip(table["sample"], table["field"], strict=True)]
+    columns = list(dict.fromkeys(c for row in field_metadata.values() for c in row))
+    return {c: np.asarray([field_metadata.get(n, {}).get(c) for n in names], dtype=object) for c in columns}
+
+
 def to_frame(reps: Representations, feature_set: str = "dim") -> pd.DataFrame:
     """Parquet-ready table: ``Metadata_*`` columns then features ``f000 ...``."""
     meta = {f"Metadata_{c}": reps.table[c].to_numpy() for c in META_COLUMNS}
     phenotypes = reps.attrs.get("phenotypes") or {}
     if phenotypes:
         meta["Metadata_phenotype"] = reps.table["sample"].map(phenotypes).to_numpy()
+    meta.update(field_columns(reps.table, reps.attrs.get("field_metadata")))
     matrix = reps.features[feature_set]
     width = max(3, len(str(matrix.shape[1] - 1)))
     feats = {f"f{i:0{width}d}": matrix[:, i] for i in range(matrix.shape[1])}

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cellmi.colours import parse_pairs
 from cellmi.errors import UserError
 
 ENV_PREFIX = "CELLMI_"
@@ -57,6 +58,13 @@ class SynthSettings(Section):
     samples: int = Field(14, ge=2, le=14, description="Number of samples (one phenotype each, at most 14).")
     fields: int = Field(4, ge=1, le=16, description="Fields of view per sample.")
     size: int = Field(512, ge=64, le=4096, description="Field height and width in pixels.")
+    variation: Literal["base", "dev", "heldout"] = Field(
+        "base",
+        description="Plate-, well- and field-level nuisances of real screens added to the draw (density, "
+        "stain drift, per-channel vignetting, focus, debris, uneven background, cell size and shape, touching "
+        "colonies): base adds none (the original generator, bit for bit), dev the development draws' "
+        "variation, heldout wider, for the held-out draws; ranges in docs/quality-protocol.md.",
+    )
     raw_out: str | None = Field(
         None,
         description="Write BBBC018-style .DIB files to this folder (local or s3://) instead of a store.",
@@ -68,19 +76,47 @@ class SynthSettings(Section):
 class IngestSettings(Section):
     """Raw images to an OME-Zarr store with foreground masks."""
 
-    preset: Literal["bbbc018", "generic"] = Field(
+    preset: Literal["bbbc018", "cellomics", "generic"] = Field(
         "bbbc018",
         description="File naming: bbbc018 ({well}-{channel}.DIB, sample = first 4 digits of the well, "
-        "field = last digit) or generic ({sample}_{field}_{channel}.{tif,png,dib}).",
+        "field = last digit); cellomics (the ArrayScan export {plate}_{well}f{field}d{channel}.{tif,DIB,C01}, "
+        "o{channel} too, sample = well); generic ({sample}_{field}_{channel}.{tif,png,dib,c01}).",
     )
     pattern: str | None = Field(
         None,
-        description="Regex with named groups sample, field and channel, matched against file names; "
-        "overrides the preset.",
+        description="Regex with named groups field, channel and sample (or well, with an optional plate), "
+        "matched against file names; overrides the preset.",
     )
-    channels: CsvList = Field(
-        list(CHANNEL_NAMES),
-        description="Channel names in store order (comma-separated); each must occur in the file names.",
+    channels: CsvList | None = Field(
+        None,
+        description="Channel names in store order (comma-separated). Where file names carry channel names "
+        "(bbbc018, generic) each must occur in them; default DNA,pH3,actin. Where they carry the instrument's "
+        "channel indices (cellomics d0, d1 ...), they name the indices found in index order (DNA,pH3,actin "
+        "names d0, d1, d2); default ch0, ch1 ...",
+    )
+    platemap: str | None = Field(
+        None,
+        description="Plate map (CSV, TSV or Parquet; local or s3://) with Metadata_Plate (optional), "
+        "Metadata_Well and any columns, joined onto the images by plate and well; every column reaches the "
+        "output tables as Metadata_*.",
+    )
+    sample_by: CsvList = Field(
+        ["well"],
+        description="What defines a sample (the fields that pair in training): well (default; plate and well "
+        "when there are several plates), or plate-map column(s), e.g. treatment or compound,dose, which makes "
+        "the replicate wells of a treatment the fields of one sample.",
+    )
+    label_by: str | None = Field(
+        None,
+        description="Plate-map column holding a known label per sample, used only for evaluation (instead of "
+        "phenotypes.json).",
+    )
+    illumination: str = Field(
+        "auto",
+        description="Illumination correction at ingest, per plate and channel: estimate (a flat-field from all "
+        "the plate's fields: per-pixel median, heavily smoothed, divided out), none, auto (estimate when a "
+        "plate has at least 10 fields, else none), or a folder of flat-fields named {channel} or "
+        "{plate}_{channel} (.tif or .npy).",
     )
     test_samples: CsvList | None = Field(
         None,
@@ -101,8 +137,19 @@ class IngestSettings(Section):
         "cancels, channel ratios stay) or store (log1p of raw counts); both then standardised with the "
         "training samples' statistics.",
     )
+    colors: CsvList = Field(
+        [],
+        description="Display colour of channels as name=RRGGBB pairs (comma-separated, e.g. GFP=00FF00), kept in the "
+        "store's NGFF omero metadata and used by the report and napari. A channel not named here takes its name's "
+        "colour in the default palette (DNA/DAPI/Hoechst blue, actin/phalloidin red, GFP/pH3 green, RFP/mCherry/Mito "
+        "magenta, ER cyan, RNA yellow; docs/outputs.md), else the next unused of green, magenta, cyan, yellow, red, "
+        "blue, orange, white.",
+    )
 
-    _csv = field_validator("channels", "test_samples", mode="before")(_split_csv)
+    _colors = field_validator("colors", mode="before")(_split_csv)
+    _colors_ok = field_validator("colors")(parse_pairs)
+    _csv = field_validator("channels", "test_samples", "sample_by", mode="before")(_split_csv)
+    _platemap_url = field_validator("platemap")(check_url)
 
     @field_validator("pattern")
     @classmethod
@@ -113,14 +160,34 @@ class IngestSettings(Section):
             compiled = re.compile(value)
         except re.error as err:
             raise ValueError(f"not a regular expression: {err}") from None
-        missing = {"sample", "field", "channel"} - set(compiled.groupindex)
-        if missing:
-            raise ValueError(f"needs named groups {sorted(missing)}")
+        groups = set(compiled.groupindex)
+        missing = {"field", "channel"} - groups
+        if missing or not groups & {"sample", "well"}:
+            raise ValueError(f"needs named groups field, channel and sample or well (has {sorted(groups)})")
+        return value
+
+    @field_validator("illumination")
+    @classmethod
+    def _illumination(cls, value: str) -> str:
+        word = value.strip().lower()
+        if word in ("auto", "estimate", "none"):
+            return word
+        checked = check_url(value)
+        assert checked is not None
+        return checked
+
+    @field_validator("sample_by")
+    @classmethod
+    def _sample_by(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one column (well, plate or a plate-map column)")
         return value
 
     @field_validator("channels")
     @classmethod
-    def _channels(cls, value: list[str]) -> list[str]:
+    def _channels(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
         if not value:
             raise ValueError("needs at least one channel")
         if len(set(value)) != len(value):
@@ -128,8 +195,24 @@ class IngestSettings(Section):
         return value
 
 
+# Encoder size presets (model.size): the widths they set unless given explicitly. Compute per crop grows
+# about 4x per step up; large and xl are meant for GPUs, whose headroom the base model leaves unused.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "base": {"width": 16, "local_dim": 128, "critic_dim": 256},
+    "large": {"width": 32, "local_dim": 256, "critic_dim": 512},
+    "xl": {"width": 64, "local_dim": 512, "critic_dim": 1024},
+}
+
+
 class ModelSettings(Section):
     """Encoder architecture (saved with every checkpoint)."""
+
+    size: Literal["base", "large", "xl"] = Field(
+        "base",
+        description="Size preset: base (width 16, local_dim 128, critic_dim 256), large (32, 256, 512) or xl "
+        "(64, 512, 1024), about 1x, 4x and 16x the compute per crop; width, local_dim and critic_dim given "
+        "explicitly win.",
+    )
 
     crop: int = Field(
         256, ge=32, le=1024, description="Training crop edge in pixels (multiple of the stride); the window too."
@@ -145,6 +228,14 @@ class ModelSettings(Section):
         description="Global vector from the plain mean of the local map, or weighted by each position's foreground.",
     )
     critic_dim: int = Field(256, ge=8, le=4096, description="Size of the critic embedding space.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_preset(cls, data: Any) -> Any:
+        """Fill width, local_dim and critic_dim from the size preset where they are not given."""
+        if isinstance(data, dict) and isinstance(data.get("size"), str) and data["size"] in MODEL_SIZES:
+            return {**MODEL_SIZES[data["size"]], **data}
+        return data
 
 
 def _none_word(value: Any) -> Any:
@@ -205,19 +296,30 @@ class TrainSettings(Section):
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
-    cache_fields: int = Field(64, ge=1, description="Fields held in each process's read cache.")
+    memory_gb: float = Field(
+        4.0,
+        gt=0,
+        description="Memory for prepared training fields per process (GiB, on the training device): a set that "
+        "does not fit is walked in shards of whole samples, two held at once.",
+    )
+    shard_epochs: int = Field(
+        16,
+        ge=1,
+        description="Passes over a shard's samples before moving on to the next (when sharded): long enough for the "
+        "next shard to load meanwhile.",
+    )
     seed: int = Field(0, description="Base seed; each process uses seed + rank.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
     threads: int = Field(
-        0, ge=0, description="Torch threads per process; 0 means cores / processes less one for crop loading."
+        0, ge=0, description="Torch threads per process; 0 means this machine's cores / processes on it."
     )
     loader_threads: int = Field(
         0,
         ge=0,
-        description="Threads cutting and augmenting crops per process; 0: one on CPU, on a GPU up to 8 "
-        "(the cores left per process), since one thread cannot feed a GPU.",
+        description="Threads making batches ahead of the step per process (each a few batched tensor operations "
+        "on the training device); 0 means one.",
     )
     dist_timeout_s: float = Field(300.0, gt=0, description="Timeout of collective operations.")
     log_every: int = Field(20, ge=1, description="Steps between metrics-file lines.")
@@ -366,6 +468,11 @@ class ClusterSettings(Section):
     apply_to: str | None = Field(
         None, description="Assign this representations table/store to the saved clusters instead of fitting."
     )
+    maps: bool = Field(
+        True,
+        description="Write analysis/maps.zarr: each clustered field's channels with its window clusters as an NGFF "
+        "label image, for napari (a copy of those fields' pixels; false skips it).",
+    )
 
     _url = field_validator("apply_to")(check_url)
 
@@ -374,6 +481,37 @@ class ClusterSettings(Section):
         if self.bic_min > self.bic_max:
             raise ValueError("bic_min must not exceed bic_max")
         return self
+
+
+class TimeoutSettings(Section):
+    """How long to wait on storage (S3) and Dask before giving up: exit status 75, safe to retry."""
+
+    s3_connect_s: float = Field(10.0, gt=0, description="Seconds to open a connection to the S3 endpoint.")
+    s3_read_s: float = Field(
+        20.0,
+        gt=0,
+        description="Seconds an S3 request may wait for the next bytes of an answer (uploading: for the endpoint to "
+        "take the next bytes) before it is retried.",
+    )
+    s3_attempts: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="Tries of each S3 request (the first included), with exponential backoff between them; with "
+        "the defaults an endpoint that stays silent is given up on within about two minutes.",
+    )
+    dask_s: float = Field(
+        60.0,
+        gt=0,
+        description="Dask connect and TCP timeouts, and (embedded cluster) how long a worker may miss its heartbeats "
+        "before its tasks move to another worker.",
+    )
+    stall_s: float = Field(
+        600.0,
+        gt=0,
+        description="A stage waiting on storage or Dask that makes no progress (no field, step or file done) for this "
+        "long stops with one line naming what it waited on, exit status 75.",
+    )
 
 
 class Settings(BaseSettings):
@@ -398,11 +536,12 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings, description="Training.")
     infer: InferSettings = Field(default_factory=InferSettings, description="Inference.")
     cluster: ClusterSettings = Field(default_factory=ClusterSettings, description="Clustering and report.")
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings, description="Storage and Dask timeouts.")
 
     _urls = field_validator("workdir", "source")(check_url)
 
 
-SECTIONS = ("synth", "ingest", "model", "train", "infer", "cluster")
+SECTIONS = ("synth", "ingest", "model", "train", "infer", "cluster", "timeouts")
 
 
 def env_names() -> set[str]:

@@ -31,6 +31,19 @@ def test_env_and_flags_fill_the_same_fields(monkeypatch):
     assert load_settings([]).infer.views == 4 and load_settings(["--infer.views", "8"]).infer.views == 8
 
 
+def test_model_size_presets_fill_the_widths_that_are_not_given(monkeypatch):
+    base = load_settings([]).model
+    assert (base.size, base.width, base.local_dim, base.critic_dim) == ("base", 16, 128, 256)
+    large = load_settings(["--model.size", "large"]).model
+    assert (large.width, large.local_dim, large.critic_dim, large.global_dim) == (32, 256, 512, 64)
+    monkeypatch.setenv("CELLMI_MODEL__SIZE", "xl")
+    monkeypatch.setenv("CELLMI_MODEL__WIDTH", "24")
+    xl = load_settings([]).model
+    assert (xl.width, xl.local_dim, xl.critic_dim) == (24, 512, 1024)  # an explicit width wins
+    with pytest.raises(ValidationError, match="'base', 'large' or 'xl'"):
+        load_settings(["--model.size", "huge"])
+
+
 def test_every_field_is_documented_and_defaulted():
     for name in env_names():
         assert name.startswith("CELLMI_")
@@ -55,7 +68,7 @@ def test_unknown_variable_is_an_error_naming_it():
         ({"CELLMI_INGEST__CHANNELS": "DNA,DNA"}, "CELLMI_INGEST__CHANNELS (--ingest.channels): repeated channel"),
         ({"CELLMI_WORKDIR": "http://host/x"}, "CELLMI_WORKDIR (--workdir): 'http://host/x' is neither"),
         ({"CELLMI_SOURCE": "s3://Bad_Bucket/x"}, "CELLMI_SOURCE (--source): "),
-        ({"CELLMI_INGEST__PATTERN": "(?P<sample>x)"}, "needs named groups ['channel', 'field']"),
+        ({"CELLMI_INGEST__PATTERN": "(?P<sample>x)"}, "needs named groups field, channel and sample or well"),
         ({"CELLMI_TRAIN__ESTIMATOR": "mine"}, "CELLMI_TRAIN__ESTIMATOR (--train.estimator): Input should be"),
         ({"CELLMI_INFER__VIEWS": "3"}, "CELLMI_INFER__VIEWS (--infer.views): must be 1, 2, 4 or 8, got 3"),
     ],

@@ -29,7 +29,8 @@ def to_png(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def _palette(n: int) -> list:
+def cluster_palette(n: int) -> list:
+    """``n`` RGBA colours (tab10, or tab20 above 10): the clusters' colours in figures, report and napari maps."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab20" if n > 10 else "tab10"]
@@ -38,7 +39,7 @@ def _palette(n: int) -> list:
 
 def _scatter(ax, xy: np.ndarray, groups: np.ndarray, title: str, legend: bool) -> None:
     names = sorted(pd.unique(groups), key=str)
-    colours = _palette(len(names))
+    colours = cluster_palette(len(names))
     for colour, name in zip(colours, names, strict=True):
         pts = xy[groups == name]
         ax.scatter(pts[:, 0], pts[:, 1], s=4, color=colour, label=str(name), alpha=0.7, linewidths=0)
@@ -64,8 +65,9 @@ def umap_figure(panels: list[Panel]) -> bytes:
 
 def confusion_figure(tables: list[tuple[str, pd.DataFrame]]) -> bytes:
     """Heat maps of cluster-by-sample count tables (rows clusters, columns samples), annotated."""
-    fig = Figure(figsize=(5.5 * len(tables), 4.8))
-    axes = fig.subplots(1, len(tables), squeeze=False)[0]
+    widths = [max(5.5, 1.5 + 0.12 * table.shape[1]) for _, table in tables]  # room for every sample's tick
+    fig = Figure(figsize=(sum(widths), max(4.8, 1.5 + 0.12 * max(t.shape[0] for _, t in tables))))
+    axes = fig.subplots(1, len(tables), squeeze=False, width_ratios=widths)[0]
     for ax, (title, table) in zip(axes, tables, strict=True):
         values = table.to_numpy()
         share = values / np.maximum(values.sum(axis=0, keepdims=True), 1)

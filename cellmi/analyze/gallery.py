@@ -1,8 +1,9 @@
-"""Pixels behind the clusters: windows cut from the image store, RGB composites, per-cluster traits.
+"""Pixels behind the clusters: windows cut from the image store, colour composites, per-cluster traits.
 
-Composites show DNA in blue, pH3 in green and actin in red (other channels take the remaining
-colours in order). Every composite of one report shares the same per-channel display range, so
-brightness differences between clusters are real intensity differences.
+Composites paint each channel in the store's display colour (NGFF omero ``color``, chosen at
+ingest: :mod:`cellmi.colours`) and add them up. Every composite of one report shares the same
+per-channel display range, so brightness differences between clusters are real intensity
+differences.
 """
 
 from __future__ import annotations
@@ -12,48 +13,36 @@ import io
 import numpy as np
 import pandas as pd
 from PIL import Image
+from scipy import ndimage
 
-from cellmi.data.intensity import Levels, log_intensity
+from cellmi.colours import rgb
 from cellmi.store import ImageStore
 
-CHANNEL_COLOURS = {"DNA": 2, "pH3": 1, "actin": 0}  # index into (R, G, B)
-PH3 = "pH3"
-PH3_SIGMAS = 2.0  # pH3-positive: log intensity above the data set's foreground mean + 2 std
+BRIGHT_SDS = 2.0  # a bright pixel: log intensity above the store's foreground mean + 2 std of its channel
+MIN_OBJECT = 4  # pixels; smaller above-mean specks are noise, not objects
 
 
 def cut_windows(
     store: ImageStore, requests: pd.DataFrame, window: int
-) -> tuple[list[np.ndarray], list[np.ndarray], list[Levels]]:
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Crops for rows of ``requests`` (``sample, field, y, x``), in request order.
 
-    Each field is read once. Returns pixels (C, window, window) uint16, masks (window, window)
-    bool and the intensity levels of the crop's field, per request.
+    Each field is read once. Returns per request the pixels (C, window, window) as stored, the
+    foreground mask (window, window) bool and the standardised log intensities (C, window,
+    window) float32 that the encoder sees (``ImageStore.normalise``).
     """
     crops: list[np.ndarray | None] = [None] * len(requests)
     masks: list[np.ndarray | None] = [None] * len(requests)
-    levels: list[Levels | None] = [None] * len(requests)
+    normal: list[np.ndarray | None] = [None] * len(requests)
     positions = np.arange(len(requests))
     for (sample, field), group in requests.assign(_pos=positions).groupby(["sample", "field"], sort=True):
         pixels = store.read_image(str(sample), str(field))
         mask = store.read_mask(str(sample), str(field))
-        level = store.levels(pixels, mask)
+        scaled = store.normalise(pixels, mask)
         for pos, y, x in zip(group["_pos"], group["y"], group["x"], strict=True):
-            crops[pos] = pixels[:, y : y + window, x : x + window]
-            masks[pos] = mask[y : y + window, x : x + window]
-            levels[pos] = level
-    return crops, masks, levels  # type: ignore[return-value]
-
-
-def colour_slots(channels: list[str]) -> list[int]:
-    """RGB slot (0 red, 1 green, 2 blue) of each channel; unnamed channels fill the free slots."""
-    free = [s for s in (0, 1, 2) if s not in {CHANNEL_COLOURS.get(c) for c in channels}]
-    slots = []
-    for name in channels:
-        if name in CHANNEL_COLOURS:
-            slots.append(CHANNEL_COLOURS[name])
-        else:
-            slots.append(free.pop(0) if free else -1)
-    return slots
+            cut = np.s_[y : y + window, x : x + window]
+            crops[pos], masks[pos], normal[pos] = pixels[(slice(None), *cut)], mask[cut], scaled[(slice(None), *cut)]
+    return crops, masks, normal  # type: ignore[return-value]
 
 
 def display_range(crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -63,21 +52,26 @@ def display_range(crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return low, np.maximum(high, low + 1e-3)
 
 
-def composite(crop: np.ndarray, slots: list[int], low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """(C, H, W) uint16 -> (H, W, 3) uint8 RGB with the given per-channel display limits."""
+def composite(crop: np.ndarray, colours: list[str], low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(C, H, W) pixels -> (H, W, 3) uint8 RGB: each channel in its ``RRGGBB`` colour, added, clipped."""
     values = (np.log1p(crop.astype(np.float32)) - low[:, None, None]) / (high - low)[:, None, None]
-    values = np.clip(values, 0, 1)
-    rgb = np.zeros((*crop.shape[1:], 3), np.float32)
-    for c, slot in enumerate(slots):
-        if slot >= 0:
-            rgb[..., slot] = np.maximum(rgb[..., slot], values[c])
-    return (rgb * 255).round().astype(np.uint8)
+    weights = np.array([rgb(c) for c in colours], np.float32)  # (C, 3)
+    mixed = np.tensordot(np.clip(values, 0, 1), weights, axes=([0], [0]))  # (H, W, 3)
+    return (np.clip(mixed, 0, 1) * 255).round().astype(np.uint8)
 
 
-def strip_png(images: list[np.ndarray], gap: int = 2) -> bytes:
-    """(H, W, 3) uint8 images side by side with white gaps, as PNG bytes."""
-    if not images:
-        images = [np.zeros((8, 8, 3), np.uint8)]
+def thumbnail(image: np.ndarray, edge: int) -> np.ndarray:
+    """(H, W, 3) uint8 shrunk by area averaging so that its height is at most ``edge``."""
+    h, w = image.shape[:2]
+    if h <= edge:
+        return image
+    size = (max(1, round(w * edge / h)), edge)
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def strip_png(images: list[np.ndarray], gap: int = 2, edge: int = 128) -> bytes:
+    """(H, W, 3) uint8 images, each at most ``edge`` pixels tall, side by side with white gaps, as PNG bytes."""
+    images = [thumbnail(i, edge) for i in images] or [np.zeros((8, 8, 3), np.uint8)]
     h = max(i.shape[0] for i in images)
     canvas = np.full((h, sum(i.shape[1] for i in images) + gap * (len(images) - 1), 3), 255, np.uint8)
     x = 0
@@ -89,29 +83,29 @@ def strip_png(images: list[np.ndarray], gap: int = 2) -> bytes:
     return buffer.getvalue()
 
 
-def window_traits(
-    crops: list[np.ndarray],
-    masks: list[np.ndarray],
-    levels: list[Levels],
-    channels: list[str],
-    stats: dict[str, list[float]],
-) -> pd.DataFrame:
-    """One row per crop: foreground fraction, mean foreground intensity per channel, pH3-positive area.
+def object_size(above: np.ndarray) -> float:
+    """Mean area in pixels of the connected regions of a (H, W) bool image; NaN when there are none."""
+    regions, count = ndimage.label(above)
+    areas = np.bincount(regions.ravel())[1:]
+    areas = areas[areas >= MIN_OBJECT]
+    return float(areas.mean()) if count and areas.size else float("nan")
 
-    ``levels`` are each crop's field levels and ``stats`` the store's per-channel ``mean``/``std``
-    of the resulting log intensities over foreground; the pH3-positive area is the share of
-    window pixels above mean + 2 std of pH3.
+
+def window_traits(scaled: list[np.ndarray], masks: list[np.ndarray], channels: list[str]) -> pd.DataFrame:
+    """One row per window, measured on its standardised log intensities (C, H, W) and mask (H, W).
+
+    Columns: ``fg_fraction``; per channel ``intensity_<name>`` (mean over foreground, in SDs of
+    the store's training foreground), ``bright_area_<name>`` (share of the window above
+    ``BRIGHT_SDS``) and ``object_size_<name>`` (mean area in pixels of the foreground regions
+    brighter than that channel's store mean).
     """
     rows = []
-    ph3 = channels.index(PH3) if PH3 in channels else None
-    for crop, mask, level in zip(crops, masks, levels, strict=True):
+    for values, mask in zip(scaled, masks, strict=True):
         row = {"fg_fraction": float(mask.mean())}
         for c, name in enumerate(channels):
-            row[f"intensity_{name}"] = float(crop[c][mask].mean()) if mask.any() else float("nan")
-        if ph3 is not None and stats.get("mean"):
-            cut = stats["mean"][ph3] + PH3_SIGMAS * stats["std"][ph3]
-            logs = log_intensity(crop[ph3 : ph3 + 1], level.channel(ph3))[0]
-            row["ph3_positive_area"] = float((logs > cut).mean())
+            row[f"intensity_{name}"] = float(values[c][mask].mean()) if mask.any() else float("nan")
+            row[f"bright_area_{name}"] = float((values[c] > BRIGHT_SDS).mean())
+            row[f"object_size_{name}"] = object_size((values[c] > 0) & mask)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -20,8 +20,11 @@ Reads ``{workdir}/representations.zarr`` and writes ``{workdir}/analysis/`` (loc
                               image-level scores of field-profile clustering with one cluster
                               per sample, plus retrieval mAP and 1-NN accuracy.
     umap.png, confusion.png, gallery.png[, bic.png]
-    cluster_traits.csv        per window cluster: size, main sample, foreground fraction, mean
-                              foreground intensity per channel, pH3-positive area (sampled windows)
+    cluster_traits.csv        per window cluster: size, main sample, foreground fraction, and per
+                              channel mean intensity, bright area and object size (sampled windows),
+                              and the words for what sets the cluster apart (see describe.py)
+    maps.zarr/                per field, its channels and its window clusters as an NGFF label image
+                              for napari (see maps.py; off with cluster.maps=false)
     model.joblib              standardiser + UMAP + mixture + field-profile model of the DIM vectors
                               (a joblib pickle that this job wrote; load only files you trust)
     report.html               the self-contained report, written last (it marks the stage done)
@@ -53,17 +56,18 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from cellmi import __version__
+from cellmi.analyze.describe import describe, trait_effects
 from cellmi.analyze.figures import Panel, bic_figure, confusion_figure, gallery_figure, umap_figure
 from cellmi.analyze.focus import field_focus, sharp_fields
 from cellmi.analyze.gallery import (
     cluster_traits,
-    colour_slots,
     composite,
     cut_windows,
     display_range,
     strip_png,
     window_traits,
 )
+from cellmi.analyze.maps import MAPS, write_maps
 from cellmi.analyze.metrics import cluster_scores, confusion, mean_average_precision, nn_accuracy
 from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
@@ -81,12 +85,14 @@ from cellmi.log import log, setup_logging
 from cellmi.representations import (
     REPR_ZARR,
     Representations,
+    field_columns,
     load_representations,
     read_parquet,
     write_parquet,
 )
 from cellmi.settings import ClusterSettings, Settings, as_dict
-from cellmi.store import exists, join, open_store, read_bytes, write_bytes_atomic
+from cellmi.store import exists, join, open_store, read_bytes, remove, write_bytes_atomic
+from cellmi.watchdog import dask_config
 
 ANALYSIS = "analysis"
 APPLIED = "applied"
@@ -192,18 +198,20 @@ def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
     if to_place == 0 or (not address and to_place < LOCAL_DASK_ABOVE):
         yield None
         return
+    import dask
     from distributed import Client, LocalCluster
 
-    if address:
-        with Client(address) as client:
+    with dask.config.set(dask_config(settings.timeouts)):  # a scheduler that stops answering is given up on
+        if address:
+            with Client(address, timeout=f"{settings.timeouts.dask_s:g}s") as client:
+                yield client
+            return
+        workers = settings.infer.workers or os.cpu_count() or 1
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
-        return
-    workers = settings.infer.workers or os.cpu_count() or 1
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
 
 
 # ---------------------------------------------------------------- clustering
@@ -380,10 +388,12 @@ def profile_split(
 
 
 # ---------------------------------------------------------------- tables
-def _meta(table: pd.DataFrame, phen: dict[str, str], columns: tuple[str, ...]) -> dict[str, Any]:
+def _meta(table: pd.DataFrame, phen: dict[str, str], columns: tuple[str, ...],
+          fmeta: dict[str, dict[str, str]] | None) -> dict[str, Any]:
     out = {f"Metadata_{c}": table[c].to_numpy() for c in columns}
     if phen:
         out["Metadata_phenotype"] = table["sample"].astype(str).map(phen).to_numpy()
+    out.update(field_columns(table, fmeta))
     return out
 
 
@@ -394,18 +404,22 @@ def window_frame(
     z: np.ndarray,
     phen: dict[str, str],
     others: dict[str, np.ndarray],
+    fmeta: dict[str, dict[str, str]] | None = None,
 ) -> pd.DataFrame:
-    """One row per window: Metadata_* columns, cluster, probability, umap_*, cluster_<baseline>."""
-    data = _meta(table, phen, ("sample", "field", "y", "x", "split", "fg_fraction"))
+    """One row per window: Metadata_* columns (the field's too), cluster, probability, umap_*,
+    cluster_<baseline>."""
+    data = _meta(table, phen, ("sample", "field", "y", "x", "split", "fg_fraction"), fmeta)
     data.update(cluster=labels, probability=prob)
     data.update({f"umap_{i}": z[:, i] for i in range(z.shape[1])})
     data.update({f"cluster_{name}": values for name, values in others.items()})
     return pd.DataFrame(data)
 
 
-def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str]) -> pd.DataFrame:
-    """One row per field: Metadata_* columns, n_windows, cluster, share, cluster_vote, cluster_profile."""
-    data = _meta(fields, phen, ("sample", "field", "split"))
+def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str],
+                fmeta: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
+    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, cluster, share,
+    cluster_vote, cluster_profile."""
+    data = _meta(fields, phen, ("sample", "field", "split"), fmeta)
     data.update(
         n_windows=fields["n_windows"].to_numpy(),
         cluster=fields[f"cluster_{default}"].to_numpy(),
@@ -482,43 +496,55 @@ def _trait_rows(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def pixel_views(
-    reps: Representations, c: Clustering, cfg: ClusterSettings
-) -> tuple[list[ClusterView], bytes, pd.DataFrame]:
-    """Per window cluster: gallery strip and traits, from the image store the representations name.
+@dataclass
+class PixelViews:
+    """What the pixels of the clustered windows give the report: per-group views, the gallery figure,
+    the traits table (one row per group) and the store's channels with their display colours."""
 
-    Returns the report's views, the gallery figure and the traits table (one row per cluster).
-    """
+    views: list[ClusterView]
+    gallery: bytes
+    traits: pd.DataFrame
+    channels: list[tuple[str, str]]
+
+
+def pixel_views(reps: Representations, c: Clustering, cfg: ClusterSettings) -> PixelViews:
+    """Per window cluster: gallery strip, traits and the words for them, from the image store the
+    representations name."""
     store = open_store(str(reps.attrs["store"]))
     window = int(reps.attrs["window"])
     nearest = nearest_to_centre(c.mixture, c.z, c.labels, cfg.gallery)
     gallery_rows = np.concatenate(list(nearest.values()))
     trait_rows = _trait_rows(c.labels, cfg.seed)
     rows = np.unique(np.concatenate([gallery_rows, trait_rows]))
-    crops, masks, levels = cut_windows(store, reps.table.iloc[rows][["sample", "field", "y", "x"]], window)
+    crops, masks, scaled = cut_windows(store, reps.table.iloc[rows][["sample", "field", "y", "x"]], window)
     where = {int(r): i for i, r in enumerate(rows)}
-    slots = colour_slots(store.meta.channels)
+    colours = store.channel_colours()
     low, high = display_range([crops[where[int(r)]] for r in gallery_rows])
     images = {
-        k: [composite(crops[where[int(r)]], slots, low, high) for r in idx] for k, idx in nearest.items()
+        k: [composite(crops[where[int(r)]], colours, low, high) for r in idx] for k, idx in nearest.items()
     }
     picked = [where[int(r)] for r in trait_rows]
-    sampled = window_traits(
-        [crops[i] for i in picked],
-        [masks[i] for i in picked],
-        [levels[i] for i in picked],
-        store.meta.channels,
-        store.meta.stats,
-    )
+    sampled = window_traits([scaled[i] for i in picked], [masks[i] for i in picked], store.meta.channels)
     sampled["cluster"] = c.labels[trait_rows]
+    words = describe(trait_effects(sampled))
     traits = cluster_traits(
         c.labels, reps.table["sample"].astype(str).to_numpy(), reps.table["fg_fraction"].to_numpy(), sampled
     )
+    traits["distinguishing"] = ["; ".join(words.get(int(k), [])) for k in traits["cluster"]]
     views = [
-        ClusterView(int(t["cluster"]), strip_png(images.get(int(t["cluster"]), [])), t)
-        for t in traits.to_dict("records")
+        ClusterView(int(k), strip_png(images.get(int(k), [])), t, words.get(int(k), []))
+        for k, t in zip(traits["cluster"], traits.drop(columns="distinguishing").to_dict("records"), strict=True)
     ]
-    return views, gallery_figure(images), traits
+    channels = list(zip(store.meta.channels, colours, strict=True))
+    return PixelViews(views, gallery_figure(images), traits, channels)
+
+
+def cluster_maps(reps: Representations, c: Clustering, out: str) -> str:
+    """Write the napari cluster maps of the clustered windows; returns the maps' URL."""
+    url = join(out, MAPS)
+    windows = reps.table[["sample", "field", "y", "x"]].assign(cluster=c.labels)
+    write_maps(url, open_store(str(reps.attrs["store"])), windows, int(reps.attrs["window"]), c.mixture.n_components)
+    return url
 
 
 def figures(
@@ -694,10 +720,12 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
 
 @dataclass
 class Pictures:
-    """The DIM clustering's figures (PNG name -> caption, bytes), report views and notes."""
+    """What the DIM clustering shows: figures (PNG name -> caption, bytes), its pixel views (None
+    without the image store), the maps' URL (None without maps) and notes for the report."""
 
     pngs: dict[str, tuple[str, bytes]]
-    views: list[ClusterView]
+    pixels: PixelViews | None
+    maps: str | None
     notes: list[str]
 
 
@@ -711,7 +739,8 @@ def dim_pictures(
     timings: dict[str, float],
     url: str,
 ) -> Pictures:
-    """Figures, galleries and the traits table of the DIM clustering (writes cluster_traits.csv)."""
+    """Figures, galleries, traits table and maps of the DIM clustering (writes cluster_traits.csv and
+    the maps); needs nothing of the baselines, so it runs while their process works."""
     cfg = settings.cluster
     other_split = next(iter(OTHER_SPLITS[cfg.split]), None)
     other = (other_split, others[f"dim/{other_split}"][1]) if f"dim/{other_split}" in others else None
@@ -721,16 +750,22 @@ def dim_pictures(
         f"{len(primary.table)} windows of split {cfg.split!r} from {url}",
         f"{dim.mixture.n_components} clusters ({cfg.select}); image labels: {cfg.image_labels}",
     ]
-    views: list[ClusterView] = []
+    pixels: PixelViews | None = None
+    maps: str | None = None
     with timed("galleries", timings):
         try:
-            views, gallery, traits = pixel_views(primary, dim, cfg)
-            pngs["gallery.png"] = ("Windows nearest each cluster centre", gallery)
-            write_bytes_atomic(join(out, "cluster_traits.csv"), traits.to_csv(index=False).encode())
+            pixels = pixel_views(primary, dim, cfg)
+            pngs["gallery.png"] = ("Windows nearest each cluster centre", pixels.gallery)
+            write_bytes_atomic(join(out, "cluster_traits.csv"), pixels.traits.to_csv(index=False).encode())
         except (UserError, OSError, KeyError) as err:
             log.warning("cluster: no galleries or traits (image store unavailable: %s)", err)
             notes.append(f"galleries and traits unavailable: {err}")
-    return Pictures(pngs, views, notes)
+    with timed("maps", timings):
+        if cfg.maps and pixels is not None:
+            maps = cluster_maps(primary, dim, out)
+        else:
+            remove(join(out, MAPS))  # maps of an earlier clustering would not match these clusters
+    return Pictures(pngs, pixels, maps, notes)
 
 
 def write_outputs(
@@ -747,14 +782,16 @@ def write_outputs(
 ) -> None:
     """Tables, model, figures, metrics, and the report last (it marks the stage done)."""
     cfg, phen = settings.cluster, phenotype_map(reps)
+    fmeta = reps.attrs.get("field_metadata")
     with timed("tables and model", timings):
         save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
         write_parquet(
             join(out, "clusters_windows.parquet"),
-            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels),
+            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels, fmeta),
         )
-        write_parquet(join(out, "clusters_images.parquet"), image_frame(dim.fields, cfg.image_labels, phen))
-    pngs = pictures.pngs
+        images = image_frame(dim.fields, cfg.image_labels, phen, fmeta)
+        write_parquet(join(out, "clusters_images.parquet"), images)
+    pngs, pixels = pictures.pngs, pictures.pixels
     for name, (_, png) in pngs.items():
         write_bytes_atomic(join(out, name), png)
     metrics["timings_s"] = timings
@@ -765,8 +802,11 @@ def write_outputs(
         settings=as_dict(settings),
         provenance=provenance(url, reps, timings),
         figures=[pngs[n] for n in ("umap.png", "confusion.png", "bic.png") if n in pngs],
-        clusters=pictures.views,
+        clusters=pixels.views if pixels else [],
         notes=pictures.notes,
+        fields=images,
+        channels=pixels.channels if pixels else [],
+        maps=pictures.maps,
     )
     write_bytes_atomic(join(out, "report.html"), render_report(report).encode())
     log.info("cluster: report at %s", join(out, "report.html"))
@@ -793,9 +833,11 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     phen = phenotype_map(reps)
     target = join(out, APPLIED)
     write_parquet(
-        join(target, "clusters_windows.parquet"), window_frame(reps.table, labels, prob, z, phen, {})
+        join(target, "clusters_windows.parquet"),
+        window_frame(reps.table, labels, prob, z, phen, {}, reps.attrs.get("field_metadata")),
     )
-    write_parquet(join(target, "clusters_images.parquet"), image_frame(fields, bundle["image_labels"], phen))
+    write_parquet(join(target, "clusters_images.parquet"),
+                  image_frame(fields, bundle["image_labels"], phen, reps.attrs.get("field_metadata")))
     samples = reps.table["sample"].astype(str).to_numpy()
     metrics = {
         "source": url,

@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cellmi.errors import UserError
 from cellmi.log import log
+from cellmi.watchdog import gather
 
 # umap-learn picks fewer transform epochs above 10,000 points per call; stay below it so the
 # result does not depend on the chunk size.
@@ -179,7 +180,7 @@ def place_umap(reducer: Reducer, rows: np.ndarray, client: Any = None, chunk: in
         futures = client.map(
             _transform_chunk, [model] * n, [rows[p] for p in pieces], [anchor] * n, [sparse] * n, pure=False
         )
-        results = client.gather(futures)
+        results = gather(futures, f"the Dask cluster {client.scheduler.address}")
     return np.concatenate(results) if results else np.zeros((0, reducer.dim), np.float32)
 
 

@@ -22,6 +22,11 @@ from sklearn.mixture import GaussianMixture
 CAP_SIGMAS = 10.0
 CAP_SHARE = 0.7
 HISTOGRAM_BINS = 512
+# Holes up to this share of the field (or MIN_HOLE pixels) are filled: gaps inside a cell. Larger
+# ones are background enclosed by a confluent colony; filling every hole took them in (Cell
+# Painting fields: IoU against CellProfiler's cell masks 0.70 -> 0.80, synthetic screen unchanged).
+HOLE_SHARE = 0.001
+MIN_HOLE = 64
 
 
 def combined_log_intensity(pixels: np.ndarray) -> np.ndarray:
@@ -52,7 +57,8 @@ def foreground_mask(pixels: np.ndarray, n_pixels: int = 40_000, seed: int = 0,
 
     A two-component Gaussian mixture is fitted to a seeded pixel subsample of the combined log
     intensity capped at ``cap_level``; the component with the brighter mean is foreground. Light
-    clean-up follows: opening, hole filling and removal of objects under ``min_object`` pixels.
+    clean-up follows: opening, filling of small holes and removal of objects under ``min_object``
+    pixels.
     """
     signal = combined_log_intensity(pixels)
     rng = np.random.default_rng(seed)
@@ -70,19 +76,45 @@ def _bright_class(signal: np.ndarray, take: np.ndarray, seed: int) -> np.ndarray
 
 
 def clean_mask(mask: np.ndarray, min_object: int = 30) -> np.ndarray:
-    """Opening, hole filling and removal of small objects on a (Y, X) bool mask."""
+    """Opening, filling of small holes and removal of small objects on a (Y, X) bool mask."""
     mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool))
-    mask = ndimage.binary_fill_holes(mask)
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    mask = mask | _objects(holes, 0, max(MIN_HOLE, int(HOLE_SHARE * mask.size)))
+    return _objects(mask, min_object, mask.size)
+
+
+def _objects(mask: np.ndarray, smallest: int, largest: int) -> np.ndarray:
+    """The connected objects of a (Y, X) bool mask whose pixel count lies in [smallest, largest]."""
     labels, count = ndimage.label(mask)
-    if count:
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= min_object
-        keep[0] = False
-        mask = keep[labels]
-    return mask
+    if not count:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = (sizes >= smallest) & (sizes <= largest)
+    keep[0] = False
+    return keep[labels]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Intersection over union of two boolean masks of the same shape."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def iou_where_referenced(mask: np.ndarray, reference: np.ndarray, nuclei: np.ndarray) -> float:
+    """IoU against a reference cell mask that segmented only some of the cells.
+
+    CellProfiler's object masks leave out cells it discarded (touching the border, filtered by
+    size), so a mask of every cell is penalised for cells the reference never looked at. Here each
+    pixel belongs to its nearest nucleus (``nuclei``, (Y, X) bool, every nucleus); only pixels of
+    nuclei the reference covers (more than half of the nucleus inside ``reference``) are compared.
+    """
+    labels, count = ndimage.label(nuclei)
+    if not count:
+        return iou(mask, reference)
+    _, (rows, cols) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    covered = np.bincount(labels[reference].ravel(), minlength=count + 1)
+    referenced = covered > sizes / 2
+    referenced[0] = False
+    region = referenced[labels[rows, cols]]
+    return iou(mask[region], reference[region])

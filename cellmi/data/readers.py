@@ -1,4 +1,4 @@
-"""Image file readers: Cellomics ``.DIB`` (BBBC018), TIFF and PNG.
+"""Image file readers: Cellomics ``.DIB`` and ``.C01``, TIFF and PNG.
 
 Each reader takes the file's bytes and its name (for messages) and returns one channel as a
 2-D array (Y, X). Problems raise ``UserError`` naming the file and what is wrong.
@@ -8,50 +8,85 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 
 import numpy as np
 
 from cellmi.errors import UserError
 
-DIB_HEADER = 52
-_DIB_DTYPES = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4")}
+# Cellomics ArrayScan .DIB: a 40-byte Windows BITMAPINFOHEADER, 12 more bytes, then the pixels.
+# The header's first field is its own size (40), not the pixel offset: pixels always start at 52.
+DIB_HEADER_SIZE = 40
+DIB_PIXELS_AT = 52
+C01_MAGIC = 16
+_DIB_DTYPES = {8: np.dtype("<u1"), 16: np.dtype("<u2")}
+_MAX_EDGE = 65536
 
 
 def read_dib(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Cellomics ArrayScan ``.DIB``: a 52-byte little-endian header, then raw pixels.
+    """Cellomics ArrayScan ``.DIB`` -> (Y, X) uint8 or uint16.
 
-    Header: int32 header length at 0, int32 width at 4, int32 height at 8, uint16 channel count
-    at 12, uint16 bit depth at 14. Pixels are row-major, little-endian; more than one channel is
-    refused (BBBC018 stores one channel per file).
+    Layout (little-endian): int32 header size at 0 (40; any value >= 40 is accepted), int32 width
+    at 4, int32 height at 8, uint16 planes at 12, uint16 bits per pixel at 14, uint32 compression
+    at 16 (must be 0), then image size, pixels per metre and colour counts to byte 40, 12 more
+    bytes, and raw pixels from byte 52, rows top to bottom, no padding. 12-bit data is stored as 16.
     """
-    if len(data) < DIB_HEADER:
-        raise UserError(f"{name}: truncated DIB header ({len(data)} of {DIB_HEADER} bytes)")
-    header_len, width, height = struct.unpack_from("<iii", data, 0)
-    channels, depth = struct.unpack_from("<HH", data, 12)
-    if header_len < DIB_HEADER or header_len > len(data):
-        raise UserError(f"{name}: corrupt DIB header (header length {header_len})")
-    if width <= 0 or height <= 0 or width > 65536 or height > 65536:
+    if len(data) < DIB_PIXELS_AT:
+        raise UserError(f"{name}: truncated DIB header ({len(data)} of {DIB_PIXELS_AT} bytes)")
+    header_size, width, height = struct.unpack_from("<iii", data, 0)
+    planes, depth = struct.unpack_from("<HH", data, 12)
+    (compression,) = struct.unpack_from("<I", data, 16)
+    if header_size < DIB_HEADER_SIZE:
+        raise UserError(f"{name}: corrupt DIB header (header size field {header_size}, expected at least 40)")
+    if not (0 < width <= _MAX_EDGE and 0 < height <= _MAX_EDGE):
         raise UserError(f"{name}: corrupt DIB header (size {width}x{height})")
-    if channels != 1:
-        raise UserError(f"{name}: DIB has {channels} channels; expected 1 channel per file")
+    if compression != 0:
+        raise UserError(f"{name}: DIB compression {compression} is not supported (only uncompressed, 0)")
+    if planes != 1:
+        raise UserError(f"{name}: DIB holds {planes} planes (a z-stack); cellmi reads single-plane images: "
+                        "export one plane per file or a projection")
     if depth not in _DIB_DTYPES:
-        raise UserError(f"{name}: unsupported DIB bit depth {depth} (8, 16 or 32)")
+        raise UserError(f"{name}: unsupported DIB bit depth {depth} (8 or 16)")
     dtype = _DIB_DTYPES[depth]
     need = width * height * dtype.itemsize
-    have = len(data) - header_len
+    have = len(data) - DIB_PIXELS_AT
     if have < need:
         raise UserError(f"{name}: truncated DIB ({have} of {need} pixel bytes)")
-    pixels = np.frombuffer(data, dtype=dtype, count=width * height, offset=header_len)
+    pixels = np.frombuffer(data, dtype=dtype, count=width * height, offset=DIB_PIXELS_AT)
     return pixels.reshape(height, width).astype(dtype.newbyteorder("="))
 
 
+def read_c01(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Cellomics ``.C01``: int32 16 at byte 0, then a zlib stream whose bytes are a ``.DIB``."""
+    if len(data) < 4:
+        raise UserError(f"{name}: truncated C01 ({len(data)} bytes)")
+    (magic,) = struct.unpack_from("<i", data, 0)
+    if magic != C01_MAGIC:
+        raise UserError(f"{name}: not a Cellomics C01 file (magic number {magic}, expected {C01_MAGIC})")
+    inflater = zlib.decompressobj()
+    try:
+        dib = inflater.decompress(data[4:])
+    except zlib.error as err:
+        raise UserError(f"{name}: corrupt C01 compressed data ({err})") from None
+    if not inflater.eof:
+        raise UserError(f"{name}: truncated C01 (the compressed stream ends early)")
+    return read_dib(dib, name)
+
+
 def write_dib(pixels: np.ndarray) -> bytes:
-    """Encode a (Y, X) uint16 image as a single-channel 16-bit ``.DIB`` file."""
-    if pixels.ndim != 2 or pixels.dtype != np.uint16:
-        raise ValueError("write_dib takes a 2-D uint16 array")
+    """Encode a (Y, X) uint8 or uint16 image as a Cellomics ``.DIB`` (the layout ``read_dib`` reads)."""
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError("write_dib takes a 2-D uint8 or uint16 array")
     height, width = pixels.shape
-    header = struct.pack("<iiiHH", DIB_HEADER, width, height, 1, 16).ljust(DIB_HEADER, b"\0")
-    return header + pixels.astype("<u2").tobytes()
+    depth = pixels.dtype.itemsize * 8
+    body = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    header = struct.pack("<iiiHHIIiiII", DIB_HEADER_SIZE, width, height, 1, depth, 0, len(body), 0, 0, 0, 0)
+    return header.ljust(DIB_PIXELS_AT, b"\0") + body
+
+
+def write_c01(pixels: np.ndarray) -> bytes:
+    """Encode a (Y, X) image as a Cellomics ``.C01`` (a zlib-compressed ``.DIB``)."""
+    return struct.pack("<i", C01_MAGIC) + zlib.compress(write_dib(pixels))
 
 
 def read_tiff(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -87,19 +122,19 @@ def _single_channel(pixels: np.ndarray, name: str) -> np.ndarray:
     return squeezed
 
 
-READERS = {".dib": read_dib, ".tif": read_tiff, ".tiff": read_tiff, ".png": read_png}
+READERS = {".dib": read_dib, ".c01": read_c01, ".tif": read_tiff, ".tiff": read_tiff, ".png": read_png}
 
 
 def read_image_file(data: bytes, name: str) -> np.ndarray:
-    """Decode by extension and check the values: integer up to 16 bit, or finite float >= 0."""
+    """Decode by extension (any case) and check the values (``check_pixels``)."""
     ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if ext not in READERS:
-        raise UserError(f"{name}: unsupported file type (DIB, TIFF or PNG)")
+        raise UserError(f"{name}: unsupported file type (DIB, C01, TIFF or PNG)")
     return check_pixels(READERS[ext](data, name), name)
 
 
 def check_pixels(pixels: np.ndarray, name: str) -> np.ndarray:
-    """Refuse NaN/Inf or negative floats and integers wider than 16 bit that overflow uint16."""
+    """Integers up to 16 bit as uint16; floats (finite, >= 0) as float32; anything else refused."""
     if pixels.size == 0:
         raise UserError(f"{name}: empty image")
     if np.issubdtype(pixels.dtype, np.floating):
@@ -111,6 +146,8 @@ def check_pixels(pixels: np.ndarray, name: str) -> np.ndarray:
         return pixels.astype(np.float32)
     if not np.issubdtype(pixels.dtype, np.integer) and pixels.dtype != bool:
         raise UserError(f"{name}: unsupported pixel type {pixels.dtype}")
+    if np.issubdtype(pixels.dtype, np.signedinteger) and int(pixels.min()) < 0:
+        raise UserError(f"{name}: negative pixel values")
     if pixels.dtype.itemsize > 2 and int(pixels.max()) > 65535:
         raise UserError(f"{name}: pixel values exceed 16 bit")
     return pixels.astype(np.uint16)

@@ -13,6 +13,11 @@ A field is rendered on a canvas with a margin (so border cells are cut, as in a 
    and G2 foci, phalloidin gives cytoplasm, cortical junctions, stress fibres and ruffles;
 4. the microscope: PSF, defocus on ~15% of fields, haze, vignetting and gradient, per-field
    gain, background offset, Poisson and read noise.
+
+``variation`` adds the plate-, well- and field-level nuisances of real screens (cell density, stain
+drift, per-channel vignetting, focus, debris, uneven background, cell size and shape spread,
+touching colonies; cellmi/data/nuisance.py). The ``base`` level adds none and gives the same bits
+as before they existed.
 """
 
 from __future__ import annotations
@@ -21,11 +26,23 @@ import multiprocessing
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from cellmi.data.nuisance import (
+    LEVELS,
+    Nuisances,
+    artefact_rng,
+    channel_vignette,
+    debris,
+    draw_nuisances,
+    focus_tilt,
+    texture,
+)
+from cellmi.data.nuisance import unit_noise as _unit_noise
 
 __all__ = [
     "CHANNELS",
@@ -187,12 +204,6 @@ def sample_id(index: int) -> str:
     return _SAMPLE_IDS[index]
 
 
-def _unit_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise, (Y, X) float32 with unit standard deviation."""
-    white = rng.standard_normal(shape, dtype=np.float32)
-    return ndi.gaussian_filter(white, sigma, truncate=3.0) * np.float32(2.0 * np.sqrt(np.pi) * sigma)
-
-
 def _lognormal(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
     return np.exp(sigma * rng.standard_normal(n))
 
@@ -243,27 +254,46 @@ class _Nuclei:
     foci: np.ndarray
 
 
-def _kinds_and_sizes(rng: np.random.Generator, ph: Phenotype, n: int) -> tuple[np.ndarray, ...]:
+def _kinds_and_sizes(
+    rng: np.random.Generator, ph: Phenotype, n: int, size_spread: float
+) -> tuple[np.ndarray, ...]:
     """Cell kind, nucleus count and radius; multinucleate cells are larger, dividing ones round up small."""
     kind = rng.choice(3, size=n, p=[1.0 - ph.mitotic - ph.apoptotic, ph.mitotic, ph.apoptotic])
     multi = (rng.random(n) < ph.multinucleate) & (kind == _INTERPHASE)
     n_nuclei = np.where(multi, rng.integers(2, 5, n), 1)
-    radius = ph.cell_radius * _lognormal(rng, n, 0.14) * np.sqrt(1.0 + 0.45 * (n_nuclei - 1))
+    radius = ph.cell_radius * _lognormal(rng, n, size_spread) * np.sqrt(1.0 + 0.45 * (n_nuclei - 1))
     radius = radius * np.select([kind == _MITOTIC, kind == _APOPTOTIC], [0.62, 0.55], 1.0)
     return kind, n_nuclei, radius
 
 
+def _touch(centres: np.ndarray, spread: float, share: float, art: np.random.Generator) -> None:
+    """Move a ``share`` of the colony centres (n, 2) next to an earlier colony, in place, so that
+    the two colonies grow into each other."""
+    for j in range(1, len(centres)):
+        if art.random() < share:
+            heading = art.uniform(0, 2 * np.pi)
+            centres[j] = centres[art.integers(j)] + 3.0 * spread * np.array([np.sin(heading), np.cos(heading)])
+
+
 def _positions(
-    rng: np.random.Generator, ph: Phenotype, radius: np.ndarray, extent: int, size: int
+    rng: np.random.Generator,
+    ph: Phenotype,
+    radius: np.ndarray,
+    extent: int,
+    size: int,
+    touching: tuple[float, np.random.Generator] | None = None,
 ) -> np.ndarray:
     """Centres (n, 2) with NaN rows for cells that found no room; colonies are Gaussian clumps.
 
-    Colony centres and the first cell lie inside the field proper, so no field comes out empty."""
+    Colony centres and the first cell lie inside the field proper, so no field comes out empty;
+    ``touching`` (share, stream) sets some colonies against others."""
     n, tries = len(radius), 40
     spacing = 2.0 * ph.packing * float(np.mean(radius))
     n_col = max(1, round(n * ph.colonies / ph.colony_cells))
     centres = rng.uniform(MARGIN, MARGIN + size, (n_col, 2))
     spread = 0.35 * spacing * np.sqrt(ph.colony_cells)
+    if touching is not None:
+        _touch(centres, spread, *touching)
     in_colony = rng.random(n) < ph.colonies
     which = rng.integers(0, n_col, n)
     near = centres[which][:, None, :] + spread * rng.standard_normal((n, tries, 2))
@@ -295,17 +325,19 @@ def _orientations(rng: np.random.Generator, ph: Phenotype, y: np.ndarray, x: np.
     return np.where(follow, flow + 0.2 * rng.standard_normal(len(y)), rng.uniform(0, np.pi, len(y)))
 
 
-def _make_cells(rng: np.random.Generator, ph: Phenotype, extent: int, size: int) -> _Cells:
+def _make_cells(
+    rng: np.random.Generator, ph: Phenotype, extent: int, size: int, nz: Nuisances, art: np.random.Generator
+) -> _Cells:
     """Draw the cells of one canvas: count, kinds, sizes, places, outlines and actin make-up."""
     expected = ph.density * extent * extent / _REF_AREA * np.exp(0.12 * rng.standard_normal())
-    kind, n_nuclei, radius = _kinds_and_sizes(rng, ph, max(1, round(expected)))
-    placed = _positions(rng, ph, radius, extent, size)
+    kind, n_nuclei, radius = _kinds_and_sizes(rng, ph, max(1, round(expected)), nz.size_spread)
+    placed = _positions(rng, ph, radius, extent, size, (nz.touching, art) if nz.touching > 0 else None)
     keep = ~np.isnan(placed[:, 0])
     kind, n_nuclei, radius, (y, x) = kind[keep], n_nuclei[keep], radius[keep], placed[keep].T
     n, k = len(y), len(_CELL_K)
     interphase, mitotic, apoptotic = kind == _INTERPHASE, kind == _MITOTIC, kind == _APOPTOTIC
     angle = _orientations(rng, ph, y, x)
-    elongation = np.where(interphase, ph.cell_elongation * _lognormal(rng, n, 0.12), 1.05)
+    elongation = np.where(interphase, ph.cell_elongation * _lognormal(rng, n, nz.shape_spread), 1.05)
     irregular = np.where(interphase, ph.cell_irregularity, 0.025)[:, None]
     amp = irregular * rng.standard_normal((n, k)) / np.sqrt(_CELL_K - 1.0)
     ruffles = np.where(interphase, ph.ruffles * _lognormal(rng, n, 0.25), 0.0)
@@ -591,18 +623,37 @@ def _haze(signal: np.ndarray) -> np.ndarray:
     return np.repeat(np.repeat(small, 4, axis=1), 4, axis=2)
 
 
-def _microscope(rng: np.random.Generator, signal: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """(C, Y, X) clean canvas -> (C, size, size) uint16 field and the defocus sigma used."""
-    defocus = float(rng.uniform(1.5, 3.5)) if rng.random() < 0.15 else 0.0
+def _microscope(
+    rng: np.random.Generator,
+    signal: np.ndarray,
+    size: int,
+    nz: Nuisances,
+    art: np.random.Generator,
+    dust: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
+    """(C, Y, X) clean canvas (and debris on the coverslip, which casts no haze) -> (C, size, size)
+    uint16 field and the defocus sigma used."""
+    defocus = float(rng.uniform(1.5, 3.5)) if rng.random() < nz.defocus_rate else 0.0
     gain = rng.uniform(0.7, 1.3) * rng.uniform(0.95, 1.05, 3)
     # medium and plastic autofluorescence, lit like the cells: one level per well, similar in all channels
     background = rng.uniform(40.0, 100.0) * rng.uniform(0.85, 1.15, 3)
     offset = 100.0 + rng.uniform(-10.0, 10.0, 3)
-    sigma = float(np.hypot(0.8, defocus))
-    image = ndi.gaussian_filter(signal + 0.12 * _haze(signal), (0, sigma, sigma), truncate=3.0)
+    sigma = float(np.hypot(np.hypot(0.8, defocus), nz.blur))
+    glow = signal + 0.12 * _haze(signal)
+    if dust is not None:
+        glow += dust
+    image = ndi.gaussian_filter(glow, (0, sigma, sigma), truncate=3.0)
+    if nz.tilt:
+        image = focus_tilt(image, nz.tilt, nz.tilt_angle)
     image = image[:, MARGIN : MARGIN + size, MARGIN : MARGIN + size]
-    image += background[:, None, None].astype(np.float32)
-    photons = image * _illumination(rng, size)[None] * gain[:, None, None].astype(np.float32)
+    if nz.texture:
+        image += background[:, None, None].astype(np.float32) * texture(art, size, nz.texture)[None]
+    else:
+        image += background[:, None, None].astype(np.float32)
+    light = _illumination(rng, size)[None]
+    if any(nz.vignette):
+        light = light * channel_vignette(size, nz.vignette)
+    photons = image * light * gain[:, None, None].astype(np.float32)
     counts = rng.poisson(photons).astype(np.float32)
     counts += offset[:, None, None].astype(np.float32) + 6.0 * rng.standard_normal(counts.shape, np.float32)
     return np.clip(np.rint(counts), 0, 65535).astype(np.uint16), defocus
@@ -615,18 +666,43 @@ def _field_rng(seed: int, sample_index: int, field_index: int) -> np.random.Gene
     return np.random.default_rng([0x5EED, seed, sample_index, field_index])
 
 
-def synth_field(sample_index: int, field_index: int, seed: int = 0, size: int = 512) -> SynthField:
+def _with_nuisances(ph: Phenotype, nz: Nuisances) -> Phenotype:
+    """The phenotype as this well shows it: the same biology at the well's density and cell size."""
+    if nz.density == 1.0 and nz.size == 1.0:
+        return ph
+    return replace(
+        ph,
+        density=ph.density * nz.density,
+        cell_radius=ph.cell_radius * nz.size,
+        nucleus_radius=ph.nucleus_radius * nz.size,
+    )
+
+
+def _dust(shape: tuple[int, ...], nz: Nuisances, art: np.random.Generator) -> np.ndarray | None:
+    """(C, Y, X) debris of the field (specks, fibres), or None when it has none."""
+    if not (nz.specks or nz.fibres):
+        return None
+    canvas = np.zeros(shape, np.float32)
+    debris(canvas, nz, art)
+    return canvas
+
+
+def synth_field(
+    sample_index: int, field_index: int, seed: int = 0, size: int = 512, variation: str = "base"
+) -> SynthField:
     """One field of sample ``sample_index`` (phenotype ``PHENOTYPES[sample_index]``), field id
-    ``str(field_index + 1)``. Pixels (C, Y, X) = (3, size, size) uint16; the same arguments give the
-    same bits."""
+    ``str(field_index + 1)``, with the nuisances of level ``variation`` (base, dev or heldout).
+    Pixels (C, Y, X) = (3, size, size) uint16; the same arguments give the same bits."""
     if not 0 <= sample_index < len(PHENOTYPES):
         raise ValueError(f"sample index {sample_index} outside 0..{len(PHENOTYPES) - 1}")
     if field_index < 0 or size < 16:
         raise ValueError(f"bad field index {field_index} or size {size} (need >= 0 and >= 16)")
     rng = _field_rng(seed, sample_index, field_index)
-    ph = PHENOTYPES[sample_index]
+    nz = draw_nuisances(seed, sample_index, field_index, variation)
+    art = artefact_rng(seed, sample_index, field_index)
+    ph = _with_nuisances(PHENOTYPES[sample_index], nz)
     extent = -(-(size + 2 * MARGIN) // 4) * 4  # a multiple of 4 for the haze; the excess is cropped
-    cells = _make_cells(rng, ph, extent, size)
+    cells = _make_cells(rng, ph, extent, size, nz, art)
     nuclei = _make_nuclei(rng, ph, cells)
     chromatin, speckle = _unit_noise(rng, (extent, extent), 1.2), _unit_noise(rng, (extent, extent), 1.0)
     mottle, grain = _unit_noise(rng, (extent, extent), 4.0), _unit_noise(rng, (extent, extent), 1.5)
@@ -635,27 +711,33 @@ def synth_field(sample_index: int, field_index: int, seed: int = 0, size: int = 
     junction = _junction_distance(geo["owner"], geo["body"])
     dna, ph3 = _dna_ph3(nuc, nuclei, geo["body"], chromatin, speckle)
     actin = ph.actin * _actin(geo, cells, junction, nuc["body"], mottle, grain)
-    pixels, defocus = _microscope(rng, np.stack([dna, ph3, actin]), size)
+    signal = np.stack([dna, ph3, actin])
+    if nz.extra:
+        signal *= np.asarray(nz.stain, np.float32)[:, None, None]
+    pixels, defocus = _microscope(rng, signal, size, nz, art, _dust(signal.shape, nz, art))
     inside = slice(MARGIN, MARGIN + size)
     foreground = (np.maximum(geo["body"], nuc["body"]) > 0.5)[inside, inside]
     return SynthField(sample_id(sample_index), str(field_index + 1), ph.name, pixels, foreground, defocus)
 
 
-def _field_task(args: tuple[int, int, int, int]) -> SynthField:
+def _field_task(args: tuple[int, int, int, int, str]) -> SynthField:
     return synth_field(*args)
 
 
 def synth_screen(
-    samples: int = 14, fields: int = 4, size: int = 512, seed: int = 0, workers: int = 1
+    samples: int = 14, fields: int = 4, size: int = 512, seed: int = 0, workers: int = 1, variation: str = "base"
 ) -> Iterator[SynthField]:
-    """Yield ``samples`` x ``fields`` fields in sample-major order (field ids "1".."N").
+    """Yield ``samples`` x ``fields`` fields in sample-major order (field ids "1".."N"), with the
+    nuisances of level ``variation``.
 
     ``workers > 1`` renders in a process pool, a bounded number of fields ahead of the consumer;
     the fields are identical to ``workers=1``.
     """
     if not 1 <= samples <= len(PHENOTYPES) or fields < 1:
         raise ValueError(f"need 1..{len(PHENOTYPES)} samples and >= 1 field, got {samples} and {fields}")
-    tasks = [(s, f, seed, size) for s in range(samples) for f in range(fields)]
+    if variation not in LEVELS:
+        raise ValueError(f"unknown variation level {variation!r}; choose one of {sorted(LEVELS)}")
+    tasks = [(s, f, seed, size, variation) for s in range(samples) for f in range(fields)]
     if workers <= 1:
         yield from map(_field_task, tasks)
         return

@@ -11,14 +11,13 @@ import dask
 import torch
 from distributed import Client, LocalCluster, as_completed
 
-from cellmi.errors import UserError
+from cellmi.errors import InfrastructureError, UserError, first_line, is_infrastructure
 from cellmi.infer.task import InferJob, cores, run_task
 from cellmi.log import log, progress
-from cellmi.settings import InferSettings
+from cellmi.settings import InferSettings, TimeoutSettings
+from cellmi.watchdog import dask_config, mark_progress, waiting
 
 __all__ = ["compute_parts", "dask_client", "gpu_workers", "scheduler_address"]
-
-CONNECT_TIMEOUT = "30s"
 
 
 def scheduler_address(settings: InferSettings) -> str | None:
@@ -27,55 +26,67 @@ def scheduler_address(settings: InferSettings) -> str | None:
 
 
 @contextmanager
-def dask_client(settings: InferSettings) -> Iterator[Client]:
-    """A client of the configured scheduler, or of a LocalCluster started here and closed after."""
-    address = scheduler_address(settings)
-    cluster = None
-    if address:
+def dask_client(settings: InferSettings, timeouts: TimeoutSettings) -> Iterator[Client]:
+    """A client of the configured scheduler, or of a LocalCluster started here and closed after.
+
+    Dask's connect and TCP timeouts (and the embedded scheduler's worker heartbeat limit) are
+    ``timeouts.dask_s`` for as long as the client is open.
+    """
+    with dask.config.set(dask_config(timeouts)):
+        address = scheduler_address(settings)
+        cluster = None
+        if address:
+            client = _connect(address, timeouts.dask_s)
+        else:
+            cluster, client = _local_cluster(settings)
+        log.info("Dask dashboard: %s", client.dashboard_link)
         try:
-            client = Client(address, timeout=CONNECT_TIMEOUT)
-        except ValueError:  # Dask's parser: its message repeats the address without its scheme (unredactable)
-            raise UserError(
-                f"{address}: not a Dask scheduler address (CELLMI_INFER__SCHEDULER_ADDRESS or "
-                "DASK_SCHEDULER_ADDRESS); expected e.g. tcp://scheduler:8786"
-            ) from None
-        except (OSError, TimeoutError) as err:
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"cannot reach the Dask scheduler {address} (CELLMI_INFER__SCHEDULER_ADDRESS or "
-                f"DASK_SCHEDULER_ADDRESS): {reason}"
-            ) from None
-        log.info(
-            "connected to Dask scheduler %s (%d workers)",
-            address,
-            len(client.scheduler_info(n_workers=-1)["workers"]),
-        )
-    else:
-        gpu = settings.device == "auto" and torch.cuda.is_available()
-        # with a GPU, one worker feeds it (preparing fields on prep_threads threads); else one per core
-        workers = 1 if gpu else settings.workers or cores()
-        # A worker that dies mid-task counts against allowed-failures, not the task's retries.
-        with dask.config.set({"distributed.scheduler.allowed-failures": max(settings.retries, 1)}):
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-                resources={"GPU": 1} if gpu else None,
-                # A failed task is reported once, in one line, by compute_parts; the workers' own
-                # "Compute Failed" records (a traceback each, per retry) only at --log_level DEBUG.
-                silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
-            )
-            client = Client(cluster)
-        where = " with the GPU" if gpu else ""
-        log.info("started a local Dask cluster: %d worker process(es) x 1 thread%s", workers, where)
-    log.info("Dask dashboard: %s", client.dashboard_link)
+            yield client
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _connect(address: str, timeout_s: float) -> Client:
+    """A client of an existing scheduler; an unreachable one is an infrastructure fault (it may be
+    starting, or gone), a malformed address a user error."""
     try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        client = Client(address, timeout=f"{timeout_s:g}s")
+    except ValueError:  # Dask's parser: its message repeats the address without its scheme (unredactable)
+        raise UserError(
+            f"{address}: not a Dask scheduler address (CELLMI_INFER__SCHEDULER_ADDRESS or "
+            "DASK_SCHEDULER_ADDRESS); expected e.g. tcp://scheduler:8786"
+        ) from None
+    except (OSError, TimeoutError) as err:
+        raise InfrastructureError(
+            f"cannot reach the Dask scheduler {address} within {timeout_s:g} s (CELLMI_INFER__SCHEDULER_ADDRESS or "
+            f"DASK_SCHEDULER_ADDRESS; CELLMI_TIMEOUTS__DASK_S): {first_line(err)}"
+        ) from None
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    log.info("connected to Dask scheduler %s (%d workers)", address, workers)
+    return client
+
+
+def _local_cluster(settings: InferSettings) -> tuple[LocalCluster, Client]:
+    gpu = settings.device == "auto" and torch.cuda.is_available()
+    # with a GPU, one worker feeds it (preparing fields on prep_threads threads); else one per core
+    workers = 1 if gpu else settings.workers or cores()
+    # A worker that dies mid-task counts against allowed-failures, not the task's retries.
+    with dask.config.set({"distributed.scheduler.allowed-failures": max(settings.retries, 1)}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            resources={"GPU": 1} if gpu else None,
+            # A failed task is reported once, in one line, by compute_parts; the workers' own
+            # "Compute Failed" records (a traceback each, per retry) only at --log_level DEBUG.
+            silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
+        )
+    where = " with the GPU" if gpu else ""
+    log.info("started a local Dask cluster: %d worker process(es) x 1 thread%s", workers, where)
+    return cluster, Client(cluster)
 
 
 def gpu_workers(client: Client) -> int:
@@ -88,7 +99,8 @@ def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, st
     """Run one task per group of fields with a progress bar; returns the fields computed.
 
     Batched tasks (``job.batched``) need a worker's ``GPU`` resource. Every task runs to the end even
-    when some fail, so a re-run only has the failed fields left.
+    when some fail, so a re-run only has the failed fields left. A field done is progress for the
+    watchdog; a failed task is not.
     """
     futures = {
         client.submit(
@@ -104,21 +116,35 @@ def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, st
     }
     total = sum(len(g) for g in groups)
     computed, failed = 0, []
-    with progress(total=total, unit="field", desc="infer") as bar:
+    with progress(total=total, unit="field", desc="infer") as bar, waiting(
+        f"the Dask cluster {client.scheduler.address}"
+    ):
         for future in as_completed(futures):
             group = futures[future]
             try:
                 computed += len(future.result())
+                mark_progress()
             except Exception as err:
                 failed.append((group, err))
             bar.update(len(group))
     if failed:
-        (sample, field), err = failed[0][0][0], failed[0][1]
-        count = sum(len(g) for g, _ in failed)
-        # A task of several fields may have finished some before it failed: say tasks, not "fields failed".
-        raise UserError(
-            f"{len(failed)} of {len(groups)} task(s) ({count} field(s)) failed after {retries} retries, "
-            f"first {sample}_{field}: {type(err).__name__}: {err}; "
-            "re-run to finish them (fields done before a failure are kept)"
-        )
+        raise task_failures(failed, len(groups), retries)
     return computed
+
+
+def task_failures(
+    failed: list[tuple[list[tuple[str, str]], Exception]], tasks: int, retries: int
+) -> UserError | InfrastructureError:
+    """One error for the failed tasks: an infrastructure fault when every failure was one (storage
+    or network), else a user error naming the first failure of another kind."""
+    infra = [is_infrastructure(err) for _, err in failed]
+    group, err = next(((g, e) for (g, e), i in zip(failed, infra, strict=True) if not i), failed[0])
+    (sample, field) = group[0]
+    count = sum(len(g) for g, _ in failed)
+    # A task of several fields may have finished some before it failed: say tasks, not "fields failed".
+    message = (
+        f"{len(failed)} of {tasks} task(s) ({count} field(s)) failed after {retries} retries, "
+        f"first {sample}_{field}: {type(err).__name__}: {err}; "
+        "re-run to finish them (fields done before a failure are kept)"
+    )
+    return InfrastructureError(message) if all(infra) else UserError(message)

@@ -44,13 +44,14 @@ from cellmi.settings import Settings, as_dict, digest
 from cellmi.store import (
     STORE_NAME,
     StoreMeta,
-    exists,
     filesystem,
     image_name,
     is_s3,
     join,
     open_store,
     remove,
+    s3_limits,
+    store_complete,
 )
 
 __all__ = ["InferOutcome", "Plan", "assemble", "compute_in_process", "main", "make_plan", "run_inference"]
@@ -195,6 +196,7 @@ def make_plan(settings: Settings) -> Plan:
         batch_windows=infer.batch_windows,
         baseline_seed=infer.baseline_seed,
         run_id=uuid.uuid4().hex[:12],
+        s3=s3_limits(),
         precision=infer.precision,
         prep_threads=infer.prep_threads,
     )
@@ -213,6 +215,7 @@ def make_plan(settings: Settings) -> Plan:
         "settings": as_dict(settings),
         "cellmi_version": __version__,
         "phenotypes": meta.phenotypes,
+        "field_metadata": meta.metadata,
         "channels": meta.channels,
         "handcrafted_names": feature_names(meta.channels),
         "baseline_seed": infer.baseline_seed,
@@ -307,22 +310,10 @@ def _groups(fields: list[tuple[str, str]], size: int) -> list[list[tuple[str, st
     return [fields[i : i + size] for i in range(0, len(fields), size)]
 
 
-def _complete(url: str) -> bool:
-    import zarr
-
-    from cellmi.store import zarr_store
-
-    if not exists(join(url, "zarr.json")):
-        return False
-    return bool(
-        zarr.open_group(zarr_store(url, read_only=True), mode="r").attrs.get("cellmi", {}).get("complete")
-    )
-
-
 def run_inference(settings: Settings) -> InferOutcome:
     """Plan, compute the missing fields on Dask, gather the parts, write the outputs."""
     out_url = join(settings.workdir, REPR_ZARR)
-    if _complete(out_url) and not settings.force:
+    if store_complete(out_url) and not settings.force:
         raise UserError(f"{out_url}: representations already exist; pass --force to compute them again")
     plan = make_plan(settings)  # validates everything before anything is removed or computed
     job = plan.job
@@ -344,7 +335,7 @@ def run_inference(settings: Settings) -> InferOutcome:
         log.info("resuming: %d fields already done, %d to compute", len(plan.fields) - len(todo), len(todo))
     computed = 0
     if todo:
-        with dask_client(settings.infer) as client:
+        with dask_client(settings.infer, settings.timeouts) as client:
             job, size = task_shape(settings, job, client, len(todo))
             computed = compute_parts(client, job, _groups(todo, size), settings.infer.retries)
     reps = assemble(plan, read_parts(job.parts, [image_name(s, f) for s, f in plan.fields]))

@@ -30,6 +30,7 @@ import numpy as np
 
 from cellmi.errors import UserError
 from cellmi.store import exists, filesystem, image_name, is_s3, join, read_bytes, remove, write_bytes_atomic
+from cellmi.watchdog import waiting
 
 __all__ = ["FieldResult", "done_names", "pack", "prepare_parts", "read_parts", "unpack", "write_part", "write_parts"]
 
@@ -121,12 +122,13 @@ def done_names(url: str, names: list[str] | None = None) -> set[str]:
     """Names ``{sample}_{field}`` of the fields whose done marker exists (of ``names`` only, when given:
     one batched read instead of a listing of the whole folder)."""
     fs, path = filesystem(url)
-    if names is not None:
-        found = fs.cat([f"{path}/{n}.done" for n in names], on_error="omit") if names else {}
-        return {os.path.basename(p)[: -len(".done")] for p in found}
-    if not fs.exists(path):
-        return set()
-    return {os.path.basename(p)[: -len(".done")] for p in fs.glob(f"{path}/*.done")}
+    with waiting(url):
+        if names is not None:
+            found = fs.cat([f"{path}/{n}.done" for n in names], on_error="omit") if names else {}
+            return {os.path.basename(p)[: -len(".done")] for p in found}
+        if not fs.exists(path):
+            return set()
+        return {os.path.basename(p)[: -len(".done")] for p in fs.glob(f"{path}/*.done")}
 
 
 def write_parts(url: str, results: list[FieldResult], run_id: str) -> None:
@@ -162,14 +164,16 @@ def write_files(files: dict[str, bytes]) -> None:
             write_bytes_atomic(target, data)
         return
     fs, _ = filesystem(first)
-    fs.pipe({filesystem(target)[1]: data for target, data in files.items()})
+    with waiting(first):
+        fs.pipe({filesystem(target)[1]: data for target, data in files.items()})
 
 
 def _cat(url: str, names: list[str]) -> dict[str, bytes]:
     """Many small files at once (s3fs fetches them concurrently)."""
     fs, path = filesystem(url)
     paths = [f"{path}/{n}" for n in names]
-    got = fs.cat(paths) if paths else {}
+    with waiting(url):
+        got = fs.cat(paths) if paths else {}
     return {os.path.basename(p): got[p] for p in paths}
 
 

@@ -24,7 +24,7 @@ from cellmi.infer.embed import EncoderLike, embed_batch, embed_naive, embed_shar
 from cellmi.infer.handcrafted import window_features
 from cellmi.infer.parts import FieldResult, done_names, write_parts
 from cellmi.infer.windows import foreground_fraction, window_grid
-from cellmi.store import ImageStore, image_name, open_store
+from cellmi.store import ImageStore, S3Limits, image_name, open_store, set_s3_limits
 
 __all__ = [
     "InferJob",
@@ -56,6 +56,7 @@ class InferJob:
     batch_windows: int
     baseline_seed: int
     run_id: str
+    s3: S3Limits  # the client's timeouts.s3_*: workers elsewhere do not see its flags
     batched: bool = False  # many fields per forward pass (tasks sent to GPU workers)
     precision: Literal["bf16", "float32"] = "bf16"  # of the conv trunk in batched tasks on a GPU
     prep_threads: int = 0  # threads preparing the fields of a batched task; 0: the process's cores
@@ -188,6 +189,7 @@ def run_batched(job: InferJob, store: ImageStore, fields: list[tuple[str, str]])
 def run_task(job: InferJob, fields: list[tuple[str, str]], threads: int = 1) -> list[str]:
     """Embed the fields not done yet and write them as one part; returns the names computed here."""
     torch.set_num_threads(threads)
+    set_s3_limits(job.s3)
     store = _store(job.store, job.run_id)
     names = [image_name(sample, field) for sample, field in fields]
     done = done_names(job.parts, names) if len(fields) > 1 else set()  # an earlier attempt got this far

@@ -21,10 +21,11 @@ import fsspec
 import torch
 
 from cellmi import __version__
-from cellmi.errors import UserError
+from cellmi.errors import UserError, is_infrastructure
 from cellmi.log import log
 from cellmi.model.encoder import Encoder, build_encoder
 from cellmi.store import filesystem, join, read_bytes, write_bytes_atomic
+from cellmi.watchdog import waiting
 
 __all__ = [
     "CHECKPOINT_KEYS",
@@ -81,7 +82,8 @@ def _listing(fs: fsspec.AbstractFileSystem, path: str) -> list[tuple[int, str]]:
 def checkpoint_steps(url_dir: str) -> list[tuple[int, str]]:
     """(step, url) of every ``step_*.pt`` in a folder, newest first; complete or not."""
     fs, path = filesystem(url_dir)
-    return [(step, join(url_dir, name)) for step, name in _listing(fs, path)]
+    with waiting(url_dir):
+        return [(step, join(url_dir, name)) for step, name in _listing(fs, path)]
 
 
 def save_checkpoint(url_dir: str, state: dict[str, Any], step: int, keep: int) -> str:
@@ -118,11 +120,12 @@ def save_checkpoint(url_dir: str, state: dict[str, Any], step: int, keep: int) -
 def _prune(url_dir: str, keep: int, newest: int) -> None:
     """Delete all but the newest ``keep`` checkpoints up to ``newest`` (never anything newer)."""
     fs, path = filesystem(url_dir)
-    older = [name for step, name in _listing(fs, path) if step <= newest]
-    for name in older[keep:]:
-        for target in (f"{path}/{sidecar_url(name)}", f"{path}/{name}"):
-            if fs.exists(target):
-                fs.rm(target)
+    with waiting(url_dir):
+        older = [name for step, name in _listing(fs, path) if step <= newest]
+        for name in older[keep:]:
+            for target in (f"{path}/{sidecar_url(name)}", f"{path}/{name}"):
+                if fs.exists(target):
+                    fs.rm(target)
 
 
 def _is_complete(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -130,7 +133,9 @@ def _is_complete(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     try:
         meta = json.loads(fs.cat_file(sidecar_url(path)))
         data = fs.cat_file(path)
-    except (ValueError, OSError):  # FileNotFoundError is an OSError
+    except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
+        if is_infrastructure(err):  # unanswered is not incomplete: skipping it would lose the checkpoint
+            raise
         return False
     return len(data) == meta.get("bytes") and hashlib.sha256(data).hexdigest() == meta.get("sha256")
 
@@ -138,10 +143,11 @@ def _is_complete(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 def latest_checkpoint(url_dir: str) -> str | None:
     """URL of the newest complete checkpoint in a folder; incomplete or corrupt ones are logged, skipped."""
     fs, path = filesystem(url_dir)
-    for step, name in _listing(fs, path):
-        if _is_complete(fs, f"{path}/{name}"):
-            return join(url_dir, name)
-        log.warning("checkpoint %s (step %d) is incomplete or corrupt, skipped", join(url_dir, name), step)
+    with waiting(url_dir):
+        for step, name in _listing(fs, path):
+            if _is_complete(fs, f"{path}/{name}"):
+                return join(url_dir, name)
+            log.warning("checkpoint %s (step %d) is incomplete or corrupt, skipped", join(url_dir, name), step)
     return None
 
 
@@ -192,9 +198,11 @@ def resolve_checkpoint(url: str) -> str:
     if url.endswith(".pt"):
         return url
     fs, path = filesystem(url)
-    if not fs.exists(path):
+    with waiting(url):
+        found, folder = fs.exists(path), fs.isdir(path)
+    if not found:
         raise UserError(f"{url}: no such checkpoint file or folder")
-    if not fs.isdir(path):
+    if not folder:
         return url  # a file of another name (model.pth, a download): load it, checked like any other
     found = latest_checkpoint(url)
     if found is None:

@@ -14,20 +14,20 @@ from typing import Any
 import torch
 
 from cellmi.log import log, progress
-from cellmi.settings import Settings, TrainSettings
+from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
 from cellmi.train.data import Batch, CropLoader
 from cellmi.train.distributed import DistInfo, any_rank, broadcast_object, mean_over_ranks
 from cellmi.train.state import Trainer, build_trainer, checkpoint_state, restore, wrap_distributed
 from cellmi.train.step import METRICS, train_step
+from cellmi.watchdog import mark_progress, waiting
 
 __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_training"]
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SIGNAL_EXIT = 128 + signal.SIGTERM
-MAX_GPU_LOADERS = 8  # crop-loading threads per process on a GPU when train.loader_threads is 0
 
 
 @dataclass
@@ -59,42 +59,36 @@ class MetricsLog:
         self.lines.append(json.dumps(record))
         data = ("\n".join(self.lines) + "\n").encode()
         if is_s3(self.url):
-            self.fs.pipe_file(self.path, data)  # a single PUT: readers see the old or the new file
+            with waiting(self.url):
+                self.fs.pipe_file(self.path, data)  # a single PUT: readers see the old or the new file
         else:
             write_bytes_atomic(self.url, data)
 
 
-def _cores_per_process(dist: DistInfo) -> int:
-    """This machine's cores shared by the local processes, less one (at least one)."""
+def intra_op_threads(threads: int, dist: DistInfo) -> int:
+    """Torch threads per process: ``threads``, or for 0 this machine's cores shared by the local processes.
+
+    No core is kept back for the loader thread: it needs a fraction of one now that batches are
+    batched tensor operations, and on 2 cores the step ran faster on both (benchmarks/bench_train.py,
+    docs/performance.md).
+    """
+    if threads:
+        return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.local_world) - 1)
+    return max(1, cores // max(1, dist.local_world))
 
 
 @contextmanager
 def torch_threads(threads: int, dist: DistInfo) -> Iterator[int]:
-    """Torch intra-op threads for the run, restored afterwards (callers in-process keep theirs).
-
-    0 means this machine's cores shared by the local processes, less one for the crop-loading
-    thread when that leaves at least one (two spinning compute threads and the loader on two cores
-    ran 6x slower than one compute thread in benchmarks/bench_train.py).
-    """
+    """Torch intra-op threads for the run (``intra_op_threads``), restored afterwards (callers in-process
+    keep theirs)."""
     before = torch.get_num_threads()
-    if threads == 0:
-        threads = _cores_per_process(dist)
+    threads = intra_op_threads(threads, dist)
     torch.set_num_threads(threads)
     try:
         yield threads
     finally:
         torch.set_num_threads(before)
-
-
-def loader_threads(cfg: TrainSettings, dist: DistInfo) -> int:
-    """Crop-loading threads: as set, else one on CPU and up to 8 per process on a GPU."""
-    if cfg.loader_threads:
-        return cfg.loader_threads
-    if dist.device.type != "cuda":
-        return 1
-    return min(MAX_GPU_LOADERS, _cores_per_process(dist))
 
 
 @contextmanager
@@ -137,11 +131,12 @@ def resume(trainer: Trainer, ckpt_dir: str, store: ImageStore, dist: DistInfo) -
     return trainer.step, state["stop_reason"]
 
 
-def _record(trainer: Trainer, values: torch.Tensor, crops_per_s: float) -> dict[str, Any]:
+def _record(trainer: Trainer, values: torch.Tensor, crops_per_s: float, busy: float) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": trainer.step,
         "time_s": round(trainer.train_seconds, 3),
         "crops_per_s": round(crops_per_s, 2),
+        "busy": round(busy, 4),
     }
     record.update({name: round(float(v), 6) for name, v in zip(METRICS, values.tolist(), strict=True)})
     return record
@@ -163,6 +158,7 @@ class _Run:
     window_start: float = field(default_factory=time.perf_counter)
     window_sum: torch.Tensor | None = None  # METRICS summed over the steps since the last log line
     window_steps: int = 0
+    window_wait: float = 0.0  # seconds the loop waited for batches since the last log line
 
     @property
     def ckpt_dir(self) -> str:
@@ -182,7 +178,8 @@ def _start(settings: Settings, dist: DistInfo, threads: int) -> _Run:
     saved = resume(trainer, ckpt_dir, store, dist)
     wrap_distributed(trainer, dist)
     loader = CropLoader(
-        store, settings.train, settings.model.crop, dist.rank, dist.world, loader_threads(settings.train, dist)
+        store, settings.train, settings.model.crop, dist.rank, dist.world, settings.train.loader_threads or 1,
+        dist.device,
     )
     main = dist.rank == 0
     metrics = MetricsLog(join(ckpt_dir, METRICS_FILE), keep_until=trainer.step) if main else None
@@ -217,25 +214,29 @@ def _save(run: _Run, stop: str | None) -> str:
 def _log(run: _Run, values: torch.Tensor) -> None:
     """Metrics averaged over the steps since the last line and over ranks (every rank takes part);
     rank 0 writes and shows them."""
-    rate = run.crops_per_step * run.window_steps / (time.perf_counter() - run.window_start)
+    elapsed = time.perf_counter() - run.window_start
+    rate = run.crops_per_step * run.window_steps / elapsed
     values = mean_over_ranks(values)
-    run.result.last_metrics = _record(run.trainer, values, rate)
+    run.result.last_metrics = _record(run.trainer, values, rate, 1 - run.window_wait / elapsed)
     if run.metrics is not None:
         run.metrics.add(run.result.last_metrics)
     run.bar.set_postfix(loss=f"{float(values[0]):.4f}", crops_s=f"{rate:.0f}")
-    run.window_start, run.window_sum, run.window_steps = time.perf_counter(), None, 0
+    run.window_start, run.window_sum, run.window_steps, run.window_wait = time.perf_counter(), None, 0, 0.0
 
 
 def _step(run: _Run, batches: Iterator[Batch]) -> None:
     """One step on the next batch; the time budget counts the wait for it."""
     cfg, trainer = run.settings.train, run.trainer
     started = time.perf_counter()
-    values = train_step(trainer, next(batches), cfg, run.dist)
+    batch = next(batches)
+    run.window_wait += time.perf_counter() - started
+    values = train_step(trainer, batch, cfg, run.dist)
     trainer.step += 1
     trainer.train_seconds += time.perf_counter() - started
     run.window_sum = values if run.window_sum is None else run.window_sum + values
     run.window_steps += 1
     run.bar.update(1)
+    mark_progress()
     if trainer.step % cfg.log_every == 0:
         _log(run, run.window_sum / run.window_steps)
     if trainer.step % cfg.checkpoint_every == 0 and trainer.step < cfg.steps and run.dist.rank == 0:
@@ -250,7 +251,8 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
     with torch_threads(settings.train.threads, dist) as threads:
         run = _start(settings, dist, threads)
         try:
-            with sigterm_flag() as signalled:
+            # A step waits on crops from the store and, under torchrun, on the other processes.
+            with sigterm_flag() as signalled, waiting(f"the next training step ({dist.world} process(es))"):
                 batches = run.loader.batches(run.trainer.step)
                 while (reason := stop_reason(run.trainer, settings, signalled["set"], dist)) is None:
                     _step(run, batches)

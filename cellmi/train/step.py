@@ -93,7 +93,7 @@ def _prior_samples(
 ) -> Tensor:
     """Uniform prior samples, a function of (seed, step, rank) like the batches."""
     rng = np.random.default_rng([cfg.seed, step, rank, 2])
-    return torch.from_numpy(rng.random(tuple(shape), dtype=np.float32)).to(device)
+    return torch.from_numpy(rng.random(tuple(shape), dtype=np.float32)).to(device, non_blocking=True)
 
 
 def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> tuple[Tensor, ...]:
@@ -131,5 +131,5 @@ def train_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInf
     """One step of encoder + critics, then one of the prior discriminator; returns the METRICS (detached)."""
     loss, local, global_, content, generator, gamma, grad_norm, codes = _encoder_step(trainer, batch, cfg, dist)
     disc = _prior_step(trainer, codes, cfg, dist)
-    values = [loss, local, global_, content, generator, disc, gamma.to(codes.device), grad_norm]
+    values = [loss, local, global_, content, generator, disc, gamma.to(codes.device, non_blocking=True), grad_norm]
     return torch.stack([v.detach().float().reshape(()) for v in values])

@@ -15,22 +15,30 @@ SIZE, WINDOW = 128, 32
 TEST = {"S00", "S02", "S04"}
 
 
-def make_store(url: str, samples: list[str] = SAMPLES) -> None:
-    """Three-channel fields whose brightness depends on the sample; foreground = the brighter half."""
+def make_store(
+    url: str,
+    samples: list[str] = SAMPLES,
+    channels: tuple[str, ...] = ("DNA", "pH3", "actin"),
+    colours: list[str] | None = None,
+) -> None:
+    """Fields whose brightness depends on the sample; foreground = the brighter half of channel 0.
+
+    ``colours`` are the store's display colours (default: the palette's, by channel name).
+    """
     meta = StoreMeta(
-        channels=["DNA", "pH3", "actin"],
+        channels=list(channels),
         fields={s: list(FIELDS) for s in samples},
         split={s: "test" if s in TEST else "train" for s in samples},
         shape=(SIZE, SIZE),
         phenotypes={s: f"ph{i}" for i, s in enumerate(SAMPLES)},
-        stats={"mean": [6.0, 5.0, 6.0], "std": [1.0, 1.0, 1.0]},
+        stats={"mean": [6.0 - c % 2 for c in range(len(channels))], "std": [1.0] * len(channels)},
     )
-    writer = StoreWriter(url, meta)
+    writer = StoreWriter(url, meta, colours=colours)
     rng = np.random.default_rng(1)
     for sample in samples:
         i = SAMPLES.index(sample)
         for field in FIELDS:
-            pixels = rng.gamma(2.0, 100.0 * (i + 1), size=(3, SIZE, SIZE)).astype(np.uint16)
+            pixels = rng.gamma(2.0, 100.0 * (i + 1), size=(len(channels), SIZE, SIZE)).astype(np.uint16)
             writer.write_image(sample, field, pixels, pixels[0] > np.median(pixels[0]))
     writer.finish()
 

@@ -26,6 +26,7 @@ OUTPUTS = (
     "confusion.png",
     "gallery.png",
     "cluster_traits.csv",
+    "maps.zarr/zarr.json",
     "report.html",
 )
 
@@ -42,8 +43,27 @@ def test_report_is_self_contained(analysed):
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) >= 2 + 3 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(href|src)="(https?:|//)', page)
-    for text in ("image ARI", "handcrafted", "cluster 2", "Provenance", "synthetic-test"):
+    for text in ("image ARI", "handcrafted", "group 2", "Provenance", "synthetic-test"):
         assert text in page, text
+
+
+def test_report_answers_the_users_question_before_the_evidence(analysed):
+    page = read_bytes(join(analysed, "report.html")).decode()
+    order = [
+        "<b>3 morphology groups</b> among 3 samples (12 fields, 180 windows) of the test split",
+        "DNA blue",
+        "<h2>The groups</h2>",
+        'class="strip"',
+        "napari --plugin napari-ome-zarr",
+        "<h2>Every field</h2>",
+        "<h2>Evidence</h2>",
+        "Scores: DIM beside the baselines",
+        "<h2>Provenance</h2>",
+    ]
+    places = [page.find(text) for text in order]
+    assert -1 not in places and places == sorted(places), dict(zip(order, places, strict=True))
+    for sample in sorted(TEST):  # each group names its sample and its known phenotype
+        assert f"{sample} (ph{int(sample[1:])}) &times;4" in page
 
 
 def test_cluster_traits_follow_the_pixels(analysed):
@@ -54,8 +74,41 @@ def test_cluster_traits_follow_the_pixels(analysed):
     assert ordered["main_sample"].tolist() == sorted(TEST)
     for channel in ("DNA", "pH3", "actin"):
         assert ordered[f"intensity_{channel}"].is_monotonic_increasing, channel
-    assert ordered["ph3_positive_area"].is_monotonic_increasing
+        assert ordered[f"bright_area_{channel}"].is_monotonic_increasing, channel
     np.testing.assert_allclose(traits["fg_fraction"], 0.5)
+    words = ordered["distinguishing"].fillna("").tolist()
+    assert "dimmer" in words[0] and "brighter" not in words[0]  # S00, the dimmest sample
+    assert "more" in words[-1] and "-bright area (+" in words[-1]  # S04, the brightest
+
+
+def test_cluster_maps_paint_each_window_with_its_cluster(analysed):
+    """The fixture's windows tile each field (stride = window), so every kept window's square is its cluster."""
+    import zarr
+
+    windows = pd.read_parquet(join(analysed, "clusters_windows.parquet"))
+    root = zarr.open_group(join(analysed, "maps.zarr"), mode="r")
+    assert sorted(root.attrs["cellmi"]["maps"]) == sorted(f"{s}_{f}" for s in TEST for f in ("1", "2", "3", "4"))
+    for (sample, field), rows in windows.groupby(["Metadata_sample", "Metadata_field"]):
+        painted = root[f"{sample}_{field}/labels/clusters/0"][...]
+        expected = np.zeros_like(painted)
+        for y, x, k in zip(rows["Metadata_y"], rows["Metadata_x"], rows["cluster"], strict=True):
+            expected[y : y + 32, x : x + 32] = k + 1
+        np.testing.assert_array_equal(painted, expected)  # the background window (0, 0) stays 0
+
+
+def test_a_gfp_and_dna_plate_is_shown_in_its_own_colours(tmp_path):
+    """Colours and words come from the store's channels: GFP orange (as set at ingest) and DNA blue."""
+    root = str(tmp_path)
+    make_store(join(root, "store.zarr"), samples=sorted(TEST), channels=("GFP", "DNA"), colours=["FF8000", "0000FF"])
+    write_representations(join(root, "representations.zarr"), make_reps(join(root, "store.zarr")))
+    run_analysis(Settings(workdir=root, cluster={"baselines": False}))
+    page = read_bytes(join(root, "analysis", "report.html")).decode()
+    answer = page[: page.index("<h2>Provenance</h2>")]  # the settings below it list the default channels
+    assert "GFP orange" in answer and "DNA blue" in answer
+    assert "pH3" not in answer and "actin" not in answer
+    traits = pd.read_csv(join(root, "analysis", "cluster_traits.csv"))
+    assert {"intensity_GFP", "bright_area_DNA", "object_size_GFP"} <= set(traits.columns)
+    assert any("GFP" in str(w) for w in traits["distinguishing"])
 
 
 def test_tables_have_metadata_columns_and_the_test_split_only(analysed):
@@ -169,6 +222,7 @@ def test_bic_selection_and_all_split(tmp_path, workdir):
     assert metrics["dim"]["all"]["window_purity"] == 1.0 and metrics["dim"]["all"]["window_ari"] > 0.8
     assert "random" not in metrics
     assert exists(join(root, "analysis", "bic.png")) and not exists(join(root, "analysis", "gallery.png"))
+    assert not exists(join(root, "analysis", "maps.zarr"))  # the maps need the image store too
     assert "galleries and traits unavailable" in read_bytes(join(root, "analysis", "report.html")).decode()
 
 

@@ -50,7 +50,8 @@ def make_raw(folder, samples=3, fields=2, size=64, skip=(), extra=()):
 
 
 def settings_for(src, work, **ingest):
-    return Settings(source=str(src), workdir=str(work), ingest={"n_test": 1, "workers": 2, **ingest})
+    return Settings(source=str(src), workdir=str(work), ingest={"n_test": 1, "workers": 2, **ingest},
+                    model={"crop": 32})
 
 
 def test_bbbc018_folder_becomes_a_complete_store(tmp_path):
@@ -156,12 +157,12 @@ def test_bad_inputs_are_listed_and_nothing_is_written(tmp_path, case):
 def test_generic_preset_duplicates_and_nan_are_reported_together(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    good = np.full((16, 16), 500, np.uint16)
+    good = np.full((32, 32), 500, np.uint16)
     for s in ("A", "B"):
         for c in CHANNELS:
             (raw / f"{s}_1_{c}.tif").write_bytes(_tiff(good))
     (raw / "A_1_DNA.png").write_bytes(_tiff(good))  # same (sample, field, channel) twice
-    nan = np.ones((16, 16), np.float32)
+    nan = np.ones((32, 32), np.float32)
     nan[0, 0] = np.nan
     (raw / "B_1_actin.tif").write_bytes(_tiff(nan))
     (raw / "notes.txt").write_text("ignored with a warning")
@@ -250,3 +251,56 @@ def test_s3_to_s3_equals_local(tmp_path, s3_env):
     for sample, field in local.meta.images():
         np.testing.assert_array_equal(remote.read_image(sample, field), local.read_image(sample, field))
         np.testing.assert_array_equal(remote.read_mask(sample, field), local.read_mask(sample, field))
+
+
+def _png(array):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_eight_channels_non_square_and_8_bit_png(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    names = [f"c{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    planes = {}
+    for s in ("A", "B"):
+        for c in names:
+            planes[(s, c)] = rng.integers(0, 255, (48, 80), dtype=np.uint8)
+            (raw / f"{s}_1_{c}.png").write_bytes(_png(planes[(s, c)]))
+    meta = ingest_mod.ingest(settings_for(raw, tmp_path / "w", preset="generic", channels=",".join(reversed(names))))
+    store = open_store(str(tmp_path / "w" / "store.zarr"))
+    assert meta.shape == (48, 80) and meta.channels == list(reversed(names))
+    image = store.read_image("B", "1")
+    assert image.shape == (8, 48, 80) and image.dtype == np.uint16
+    np.testing.assert_array_equal(image[0], planes[("B", "c7")])
+    assert store.read_mask("B", "1").shape == (48, 80)
+
+
+def test_float_images_scale_by_one_factor_for_the_screen(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = np.random.default_rng(1)
+    planes = {s: rng.uniform(0, top, (3, 32, 32)).astype(np.float32) for s, top in (("A", 0.5), ("B", 0.25))}
+    for s, pixels in planes.items():
+        for c, name in enumerate(CHANNELS):
+            (raw / f"{s}_1_{name}.tif").write_bytes(_tiff(pixels[c]))
+    meta = ingest_mod.ingest(settings_for(raw, tmp_path / "w", preset="generic"))
+    scale = 65535 / max(float(p.max()) for p in planes.values())
+    assert meta.float_scale == pytest.approx(scale)
+    store = open_store(str(tmp_path / "w" / "store.zarr"))
+    for s, pixels in planes.items():  # one factor: B stays half as bright as A
+        np.testing.assert_array_equal(store.read_image(s, "1"), np.rint(pixels * np.float32(scale)).astype(np.uint16))
+
+
+def test_a_field_smaller_than_the_window_is_one_line(tmp_path):
+    make_raw(tmp_path / "raw", samples=2, fields=1, size=64)
+    settings = Settings(source=str(tmp_path / "raw"), workdir=str(tmp_path / "w"), model={"crop": 96},
+                        ingest={"n_test": 1})
+    with pytest.raises(UserError, match=r"sample 0001 field 1: 64x64 is smaller than the 96x96 window "
+                                        r"\(set CELLMI_MODEL__CROP to at most 64"):
+        ingest_mod.ingest(settings)
+    assert not (tmp_path / "w").exists()

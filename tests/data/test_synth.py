@@ -234,3 +234,68 @@ def test_gmm_masks_recover_the_known_foreground_of_every_phenotype():
     scores = [iou(foreground_mask(field.pixels), field.foreground) for field in fields]
     assert np.mean(scores) >= 0.85, scores
     assert min(scores) >= 0.75, scores
+
+
+# ---------------------------------------------------------------- nuisances that must not imitate a phenotype
+
+
+def _worst_draw(score) -> int:
+    """The draw (of 500) at the held-out level with the highest ``score(draw)``."""
+    return max(range(500), key=score)
+
+
+def _well(seed: int, index: int):
+    from cellmi.data.nuisance import draw_nuisances
+
+    return draw_nuisances(seed, index, 0, "heldout")
+
+
+def test_density_nuisances_never_turn_control_into_confluent():
+    """The pair differs only in cells per field (1.8x); per-well density and cell size change the
+    covered area by at most 1.38x between two wells, so even in the held-out draw where they push
+    control and confluent closest together, confluent still covers 1.3x more of the field."""
+    names = [ph.name for ph in PHENOTYPES]
+    control, confluent = names.index("control_colonies"), names.index("confluent_colonies")
+
+    def closeness(seed: int) -> float:
+        a, b = _well(seed, control), _well(seed, confluent)
+        return (a.density * a.size**2) / (b.density * b.size**2)
+
+    worst = _worst_draw(closeness)
+    assert closeness(worst) < 1.38
+    cover = {
+        index: np.mean([synth_field(index, f, seed=worst, variation="heldout").foreground.mean() for f in range(4)])
+        for index in (control, confluent)
+    }
+    assert cover[confluent] > 1.3 * cover[control], cover
+
+
+def test_stain_nuisances_never_undo_the_dim_actin():
+    """spread_flat_dim_actin has half the actin of spread_flat; in the held-out draw whose stain
+    drift and well stain favour it most, its actin/DNA ratio stays below 0.8x spread_flat's."""
+    names = [ph.name for ph in PHENOTYPES]
+    bright, dim = names.index("spread_flat"), names.index("spread_flat_dim_actin")
+
+    def closeness(seed: int) -> float:
+        a, b = _well(seed, dim), _well(seed, bright)
+        return (a.stain[2] / a.stain[0]) / (b.stain[2] / b.stain[0])
+
+    worst = _worst_draw(closeness)
+    assert closeness(worst) < 1.38
+    ratio = FEATURES.index("actin_dna")
+    found = {
+        index: np.mean([_features(synth_field(index, f, seed=worst, size=256, variation="heldout"))[ratio]
+                        for f in range(4)])
+        for index in (bright, dim)
+    }
+    assert found[dim] < 0.8 * found[bright], found
+
+
+def test_gmm_masks_still_find_the_cells_of_heldout_draws():
+    """Debris, uneven background, vignetting and blur make the mask's job harder, not impossible."""
+    from cellmi.data.masks import foreground_mask, iou
+
+    fields = [synth_field(index, 0, seed=6, size=256, variation="heldout") for index in range(len(PHENOTYPES))]
+    scores = [iou(foreground_mask(field.pixels), field.foreground) for field in fields]
+    assert np.mean(scores) >= 0.8, scores
+    assert min(scores) >= 0.6, scores

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 
 import pytest
 
 from cellmi.cli import JOBS
-from cellmi.errors import UserError
+from cellmi.errors import InfrastructureError, UserError
 from cellmi.launch import detect
 
 from .conftest import ROOT
@@ -33,6 +34,16 @@ def check_command(command: list[str]) -> None:
         assert command[1] == "train"
 
 
+def aws_action(rules: list[dict], code: int, reason: str = "", status_reason: str = "") -> str:
+    """What AWS Batch does after an attempt: the first evaluateOnExit rule whose every pattern
+    matches (glob; absent matches anything), else RETRY (AWS's default)."""
+    seen = {"onExitCode": str(code), "onReason": reason, "onStatusReason": status_reason}
+    for rule in rules:
+        if all(fnmatch.fnmatchcase(seen[k], v) for k, v in rule.items() if k != "action"):
+            return rule["action"]
+    return "RETRY"
+
+
 @pytest.mark.parametrize("name", ["train.json", "ingest.json", "infer.json", "cluster.json", "pipeline.json"])
 def test_aws_job_definitions(name):
     jobdef = aws(name)
@@ -41,6 +52,10 @@ def test_aws_job_definitions(name):
     assert exits[0] == {"onExitCode": str(UserError.exit_code), "action": "EXIT"}, (
         "user errors must not retry"
     )
+    assert aws_action(exits, UserError.exit_code, "Essential container in task exited") == "EXIT"
+    assert aws_action(exits, InfrastructureError.exit_code, "Essential container in task exited") == "RETRY"
+    assert {"onExitCode": str(InfrastructureError.exit_code), "action": "RETRY"} in exits  # said, not by default
+    assert jobdef["retryStrategy"]["attempts"] >= 2
     for container in containers(jobdef):
         check_command(container["command"])
         assert container["image"].rsplit(":", 1)[0].endswith("/cellmi")
@@ -95,10 +110,10 @@ def test_google_cloud_batch_jobs(name):
     assert "entrypoint" not in runnable["container"], "the image's entrypoint (cellmi) is used"
     options = runnable["container"]["options"]
     assert "--read-only" in options and "--cap-drop=ALL" in options and "--user 10001" in options
-    assert group["taskSpec"]["lifecyclePolicies"][0] == {
-        "action": "FAIL_TASK",
-        "actionCondition": {"exitCodes": [UserError.exit_code]},
-    }
+    policies = group["taskSpec"]["lifecyclePolicies"]
+    assert policies[0] == {"action": "FAIL_TASK", "actionCondition": {"exitCodes": [UserError.exit_code]}}
+    retry = [p["action"] for p in policies if InfrastructureError.exit_code in p["actionCondition"]["exitCodes"]]
+    assert retry[:1] == ["RETRY_TASK"] and group["taskSpec"]["maxRetryCount"] >= 1
     secrets = group["taskSpec"]["environment"].get("secretVariables", {})
     assert all(v.startswith("projects/") and "/secrets/" in v for v in secrets.values())
     assert not {"AWS_SECRET_ACCESS_KEY"} & set(group["taskSpec"]["environment"]["variables"])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cellmi.cli import JOBS
-from cellmi.errors import UserError
+from cellmi.errors import InfrastructureError, UserError
 
 from .conftest import ROOT, kustomize
 
@@ -81,18 +81,24 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
     return []
 
 
-def validate_pod(spec: dict, where: str) -> None:
+def validate_pod(spec: dict, where: str, version: str) -> None:
     import kubernetes_validate
-    from kubernetes_validate.utils import latest_version
 
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": where.lower()}, "spec": spec}
-    kubernetes_validate.validate(pod, latest_version(), strict=True)
+    kubernetes_validate.validate(pod, version, strict=True)
+
+
+def k8s_versions() -> list[str]:
+    """Kubernetes versions whose schemas the manifests must pass: 1.30, 1.34 and the newest known."""
+    from kubernetes_validate.utils import latest_version
+
+    return sorted({"1.30.0", "1.34.0", latest_version()}, key=lambda v: tuple(map(int, v.split("."))))
 
 
 # ---------------------------------------------------------------- tests
-def test_builtin_kinds_validate_strictly(rendered):
+@pytest.mark.parametrize("version", k8s_versions())
+def test_builtin_kinds_validate_strictly(rendered, version):
     import kubernetes_validate
-    from kubernetes_validate.utils import latest_version
 
     _, docs = rendered
     builtin = [d for d in docs if d["apiVersion"].split("/")[0] not in ("argoproj.io", "kubernetes.dask.org")]
@@ -108,7 +114,7 @@ def test_builtin_kinds_validate_strictly(rendered):
         "RoleBinding",
     }
     for doc in builtin:
-        kubernetes_validate.validate(doc, latest_version(), strict=True)
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_strict_validation_catches_a_typo():
@@ -122,13 +128,14 @@ def test_strict_validation_catches_a_typo():
         kubernetes_validate.validate(job, latest_version(), strict=True)
 
 
-def test_custom_resources_embed_valid_pods(rendered):
+@pytest.mark.parametrize("version", k8s_versions())
+def test_custom_resources_embed_valid_pods(rendered, version):
     _, docs = rendered
     custom = by_kind(docs, "DaskJob") + by_kind(docs, "CronWorkflow")
     assert len(custom) == 2
     for doc in custom:
         for where, spec in pod_specs(doc):
-            validate_pod(spec, where)
+            validate_pod(spec, where, version)
 
 
 def test_daskjob_shape_matches_the_crd(rendered):
@@ -276,22 +283,33 @@ def test_finished_work_is_cleaned_up(rendered):
     ]
 
 
-def test_failure_policies_fail_fast_on_user_errors(rendered):
+def first_rule(rules: list[dict], container: str, code: int) -> str | None:
+    """The action of the first podFailurePolicy rule matching a container's exit status (None: the
+    default, which counts the failure against backoffLimit)."""
+    for rule in rules:
+        on = rule.get("onExitCodes")
+        if on and on.get("containerName", container) == container and (code in on["values"]) == (
+            on["operator"] == "In"
+        ):
+            return rule["action"]
+    return None
+
+
+def test_failure_policies_fail_fast_on_user_errors_and_retry_infrastructure(rendered):
     _, docs = rendered
     jobs = by_kind(docs, "Job") + [
         c["spec"]["jobTemplate"] | {"metadata": c["metadata"]} for c in by_kind(docs, "CronJob")
     ]
     for job in jobs:
         rules = job["spec"]["podFailurePolicy"]["rules"]
-        names = {c["name"] for c in job["spec"]["template"]["spec"]["containers"]}
-        fail = [r for r in rules if r["action"] == "FailJob"]
-        assert fail[0]["onExitCodes"] == {
-            "containerName": fail[0]["onExitCodes"]["containerName"],
-            "operator": "In",
-            "values": [UserError.exit_code],
-        }
-        assert fail[0]["onExitCodes"]["containerName"] in names, job["metadata"]["name"]
-        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+        name = job["metadata"]["name"]
+        (container,) = [c["name"] for c in job["spec"]["template"]["spec"]["containers"]]
+        assert first_rule(rules, container, UserError.exit_code) == "FailJob", name
+        assert first_rule(rules, container, InfrastructureError.exit_code) == "Count", name  # retried, bounded
+        assert first_rule(rules, container, 1) is None, name
+        assert all(r["onExitCodes"]["containerName"] == container for r in rules if "onExitCodes" in r), name
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+        assert job["spec"]["backoffLimit"] >= 1, name
         assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
     for template in one(docs, "CronWorkflow", "cellmi-chain")["spec"]["workflowSpec"]["templates"]:
         if "container" in template:

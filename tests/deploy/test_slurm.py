@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from cellmi.errors import INFRA_EXIT, UserError
+
+from .conftest import ROOT, STUBS
 
 SCRIPTS = [*sorted((ROOT / "jobs" / "slurm").iterdir()), ROOT / "docker" / "test-image.sh"]
 
@@ -211,3 +213,40 @@ def test_infer_script_wires_dask_slurm_to_cellmi_infer(slurm):
     # WORKER_GPUS: each worker job asks SLURM for a GPU and its worker offers the Dask resource GPU
     worker = [c for c in slurm.calls("apptainer") if "distributed.cli.dask_worker" in c["args"]]
     assert worker and "--resources GPU=1" in " ".join(worker[0]["args"]) and "--nv" in worker[0]["args"]
+
+
+# ---------------------------------------------------------------- exit status 75: requeue
+REQUEUED = {  # script -> (its arguments, what makes its command the one that fails)
+    "stage.sbatch": (["ingest"], {"STUB_APPTAINER_FAIL": "ingest"}),
+    "train.sbatch": ([], {"STUB_APPTAINER_FAIL": "cellmi-launch"}),
+    "infer.sbatch": ([], {"STUB_APPTAINER_FAIL": "infer", "LAUNCH": str(STUBS / "after-dashes")}),
+}
+
+
+def runs(slurm, word: str) -> list[str]:
+    """SLURM_RESTART_COUNT of each apptainer call whose command holds ``word`` ("0": the first run)."""
+    return [c["env"].get("SLURM_RESTART_COUNT", "0") for c in slurm.calls("apptainer") if word in c["args"]]
+
+
+@pytest.mark.parametrize("script", sorted(REQUEUED))
+def test_an_infrastructure_fault_requeues_the_job_which_then_completes(slurm, script):
+    args, fail = REQUEUED[script]
+    env = {**fail, "STUB_APPTAINER_FAIL_CODE": str(INFRA_EXIT), "STUB_APPTAINER_FAIL_RUNS": "1",
+           "STUB_APPTAINER_ONLY_RECORD": "1"}
+    job = _submit(slurm, f"jobs/slurm/{script}", *args, env=env)
+    code, out = slurm.wait(job, timeout=60)
+    assert code == "0", out
+    assert "infrastructure fault (exit status 75): requeueing job" in out
+    assert [c["args"] for c in slurm.calls("scontrol") if c["args"][0] == "requeue"] == [["requeue", job]]
+    assert sorted(set(runs(slurm, fail["STUB_APPTAINER_FAIL"]))) == ["0", "1"]
+
+
+@pytest.mark.parametrize(("code", "requeues"), [(UserError.exit_code, 0), (1, 0), (INFRA_EXIT, 1)])
+def test_other_failures_and_too_many_requeues_end_the_job(slurm, code, requeues):
+    """A user error or a bug is final at once; an infrastructure fault after MAX_REQUEUES requeues."""
+    env = {"STUB_APPTAINER_FAIL": "ingest", "STUB_APPTAINER_FAIL_CODE": str(code), "MAX_REQUEUES": "1"}
+    job = _submit(slurm, "jobs/slurm/stage.sbatch", "ingest", env=env)
+    rc, out = slurm.wait(job, timeout=60)
+    assert rc == str(code), out
+    assert len([c for c in slurm.calls("scontrol") if c["args"][0] == "requeue"]) == requeues
+    assert len(runs(slurm, "ingest")) == requeues + 1

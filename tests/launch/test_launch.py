@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cellmi.errors import UserError
-from cellmi.launch import Topology, detect, expand_hostlist, main, torchrun_args
+from cellmi.errors import INFRA_EXIT, UserError
+from cellmi.launch import Topology, detect, expand_hostlist, main, run_torchrun, torchrun_args
 
 
 def test_no_scheduler_is_one_standalone_node():
@@ -209,3 +209,12 @@ def test_cellmi_cli_dispatches_launch(capsys):
 
     assert cellmi_main(["launch", "info"]) == 0
     assert json.loads(capsys.readouterr().out)["scheduler"] == "none"
+
+
+@pytest.mark.parametrize(("worker", "launcher"), [(INFRA_EXIT, INFRA_EXIT), (UserError.exit_code, 2), (3, 1)])
+def test_a_workers_exit_status_reaches_the_scheduler(worker, launcher, monkeypatch):
+    """torchrun itself says 1 for any failed worker; the launcher passes on 2 and 75, which schedulers act on."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    args = torchrun_args(detect({}), 1, "tests.launch.exit_with", ["train", str(worker)])
+    assert run_torchrun(args) == launcher

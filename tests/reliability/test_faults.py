@@ -1,5 +1,5 @@
-"""Faults with real parts: a training worker killed under torchrun, the S3 endpoint going away
-mid-inference, and the out-of-memory guard at the command line.
+"""Faults with real parts: a training worker killed under torchrun, the S3 endpoint going away or
+hanging mid-inference, and the out-of-memory guard at the command line.
 
 Also covered elsewhere (not repeated here):
 
@@ -18,53 +18,29 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import boto3
 import psutil
 import pytest
 
+from cellmi.errors import INFRA_EXIT
 from cellmi.representations import load_representations
 from cellmi.store import STORE_NAME, join
 from cellmi.train.checkpoint import load_encoder
 from tests.clirun import assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
+from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, wait_for
 from tests.train.conftest import make_store as make_train_store
-from tests.train.conftest import tiny_settings
+from tests.train.conftest import train_env
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
-
-
 # ---------------------------------------------------------------- a training worker killed under torchrun
-def train_env(workdir: str, **train) -> dict[str, str]:
-    """``tiny_settings`` as CELLMI_* variables for a ``cellmi train`` process."""
-    settings = tiny_settings(workdir, **train)
-    env = {"CELLMI_WORKDIR": workdir}
-    for section in ("model", "train"):
-        for key, value in getattr(settings, section).model_dump().items():
-            env[f"CELLMI_{section}__{key}".upper()] = "null" if value is None else str(value).lower()
-    return clean_env(env)
-
-
 def sidecar_steps(folder: str) -> list[int]:
     """Steps of the checkpoints whose sidecar exists (the sidecar is written after the .pt)."""
     if not os.path.isdir(folder):
@@ -121,120 +97,34 @@ def test_a_killed_torchrun_worker_is_restarted_and_resumes_from_its_checkpoint(t
     assert logged == list(range(every, steps + 1, every))  # no step lost or logged twice across the restart
 
 
-# ---------------------------------------------------------------- the S3 endpoint going away mid-inference
-class Proxy:
-    """A TCP forwarder in the test process between cellmi and a real S3 server.
-
-    ``close()`` is a network fault: open connections are reset and new ones refused. ``open()``
-    listens on the same port again, in front of the same server (and data). ``delay`` slows each
-    forwarded chunk, so that inference is still running when the fault comes.
-    """
-
-    def __init__(self, target_port: int, delay: float = 0.0) -> None:
-        self.target, self.delay, self.port = target_port, delay, free_port()
-        self.lock = threading.Lock()
-        self.conns: set[socket.socket] = set()
-        self.listener: socket.socket | None = None
-        self.stop = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def open(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(128)
-        sock.settimeout(0.05)
-        self.listener, self.stop = sock, threading.Event()
-        threading.Thread(target=self._accept, args=(sock, self.stop), daemon=True).start()
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        with self.lock:
-            conns, self.conns = self.conns, set()
-        for conn in conns:
-            self._drop(conn)
-
-    def _accept(self, sock: socket.socket, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                client, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            client.settimeout(None)
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                self._drop(client)
-                continue
-            with self.lock:
-                if stop.is_set():
-                    self._drop(client)
-                    self._drop(upstream)
-                    return
-                self.conns |= {client, upstream}
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if self.delay:
-                    time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(src)
-            self._drop(dst)
-
-    @staticmethod
-    def _drop(conn: socket.socket) -> None:
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        conn.close()
-
-
+# ---------------------------------------------------------------- the S3 endpoint failing mid-inference
 @pytest.fixture
 def moto_process():
-    """A moto S3 server in its own process on loopback; yields its port."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A moto S3 server in its own process on loopback."""
+    server = MotoServer()
     try:
-        def up() -> bool:
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(up, 30, "the moto server", poll=0.05)
-        yield port
+        yield server
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
-AWS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-       "AWS_DEFAULT_REGION": "us-east-1"}
+FAULTS = {
+    # connections reset, new ones refused (a restarting endpoint); then the same address again
+    "reset": (lambda proxy, moto: proxy.close(), lambda proxy, moto: proxy.open()),
+    # the server stops answering, connections stay open (a hung endpoint, a dead NAT path); then thawed
+    "frozen": (lambda proxy, moto: moto.freeze(), lambda proxy, moto: moto.thaw()),
+}
 
 
 @pytest.mark.slow
-def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_rest(
-    moto_process, monkeypatch
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_s3_failing_mid_inference_is_one_line_exit_75_and_a_rerun_computes_only_the_rest(
+    moto_process, monkeypatch, fault
 ):
-    moto = f"http://127.0.0.1:{moto_process}"
-    for key, value in {**AWS, "AWS_ENDPOINT_URL": moto}.items():
+    moto = moto_process
+    for key, value in {**AWS, "AWS_ENDPOINT_URL": moto.url}.items():
         monkeypatch.setenv(key, value)
-    s3 = boto3.client("s3", endpoint_url=moto)
+    s3 = boto3.client("s3", endpoint_url=moto.url)
     s3.create_bucket(Bucket="faults")
     workdir = "s3://faults/run"
     samples, fields = 3, 3
@@ -251,37 +141,40 @@ def test_s3_going_away_mid_inference_is_one_error_and_a_rerun_computes_only_the_
         listed = s3.list_objects_v2(Bucket="faults", Prefix="run/representations").get("Contents", [])
         return [o["Key"] for o in listed if not o["Key"].startswith("run/representations.parts/")]
 
-    proxy = Proxy(moto_process, delay=0.01)
+    proxy = Proxy(moto.port, delay=0.01)
     proxy.open()
-    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "2"}
+    # Each S3 request is given up on after two tries of one second (the defaults: five of 20 s).
+    env = {**AWS, "AWS_ENDPOINT_URL": proxy.url, **FAST_S3}
     args = ("infer", "--workdir", workdir, "--infer.workers", "1", "--infer.retries", "1",
             "--infer.fields_per_task", "3")
     cmd = [sys.executable, "-m", "cellmi", *args]
+    break_it, mend_it = FAULTS[fault]
     proc = subprocess.Popen(cmd, env=clean_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(markers()) >= 2 or proc.poll() is not None, 90, "two fields done", poll=0.05)
         assert proc.poll() is None, "inference finished before the fault: nothing was tested"
-        proxy.close()
+        break_it(proxy, moto)
         cut = time.monotonic()
         stdout, stderr = proc.communicate(timeout=90)
         waited = time.monotonic() - cut
     finally:
-        proxy.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        mend_it(proxy, moto)
     failed = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert_one_line_error(failed, "of 3 task(s) (", "failed after 1 retries",
-                          f"endpoint URL: \"{proxy.url}/faults",  # which endpoint failed
-                          "re-run to finish them (fields done before a failure are kept)")
+                          f"waiting on {workdir}/",  # what was waited on
+                          f"endpoint URL: \"{proxy.url}/faults",  # at which endpoint
+                          "re-run to finish them (fields done before a failure are kept)",
+                          "infrastructure fault, safe to retry (exit status 75)", code=INFRA_EXIT)
     assert "Compute Failed" not in stderr  # the workers' tracebacks stay out of the user's terminal
-    assert waited < 60, f"{waited:.0f} s from the fault to the error: retries are not bounded"
+    assert waited < 45, f"{waited:.0f} s from the fault to the error: retries are not bounded"
     done = markers()
     assert 2 <= len(done) < samples * fields, sorted(done)
     assert outputs() == [], outputs()  # no representations written, let alone marked complete
 
-    proxy.delay = 0.0
-    proxy.open()  # the same server and data behind the same address, now at full speed
+    proxy.delay = 0.0  # the same server and data behind the same address, now at full speed
     try:
         again = cellmi(*args, env=env, timeout=120)
     finally:

@@ -8,6 +8,7 @@ import torch
 
 from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, join
+from tests.clirun import clean_env
 
 CHANNELS = ["DNA", "pH3", "actin"]
 
@@ -67,6 +68,16 @@ def tiny_settings(workdir: str, **train) -> Settings:
         model={"crop": 48, "width": 8, "local_dim": 32, "global_dim": 16, "critic_dim": 32},
         train=cfg,
     )
+
+
+def train_env(workdir: str, **train) -> dict[str, str]:
+    """``tiny_settings`` as CELLMI_* variables for a ``cellmi train`` process."""
+    settings = tiny_settings(workdir, **train)
+    env = {"CELLMI_WORKDIR": workdir}
+    for section in ("model", "train"):
+        for key, value in getattr(settings, section).model_dump().items():
+            env[f"CELLMI_{section}__{key}".upper()] = "null" if value is None else str(value).lower()
+    return clean_env(env)
 
 
 @pytest.fixture(autouse=True)

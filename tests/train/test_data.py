@@ -1,16 +1,29 @@
-"""Crop batches: shapes, determinism, rank partition, foreground crops, no per-crop normalisation."""
+"""Crop batches: shapes, determinism, rank partition, foreground crops, no per-crop normalisation,
+batched crop statistics and blur against their per-crop references, fields of several shapes, shards."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 
 from cellmi.errors import UserError
-from cellmi.store import STORE_NAME, join, open_store
-from cellmi.train.data import CropLoader, FieldCache, batch_sample_ids, content_size, crop_content
+from cellmi.store import STORE_NAME, StoreMeta, StoreWriter, join, open_store
+from cellmi.train.crops import (
+    content_numpy,
+    content_size,
+    content_tensor,
+    crop_content,
+    cut_numpy,
+    cut_tensor,
+    dihedral,
+    gaussian_blur,
+)
+from cellmi.train.data import CropLoader, batch_sample_ids
+from cellmi.train.fields import plan_shards, prepare_shard
 
-from .conftest import make_store, tiny_settings
+from .conftest import blob_field, make_store, tiny_settings
 
 
 def loader_for(workdir: str, rank: int = 0, world: int = 1, threads: int = 1, **train) -> CropLoader:
@@ -88,6 +101,13 @@ def _contains(field: np.ndarray, crop: np.ndarray) -> bool:
     )
 
 
+def numpy_content(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The per-crop reference: (C, H, W), (H, W) -> per channel foreground mean, std, 95th percentile, share."""
+    values = pixels[:, mask] if mask.any() else pixels.reshape(len(pixels), -1)
+    stats = [values.mean(axis=1), values.std(axis=1), np.percentile(values, 95, axis=1)]
+    return np.concatenate([*stats, [mask.mean()]]).astype(np.float32)
+
+
 def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content(store_dir):
     plain = loader_for(store_dir, augment=False)
     jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
@@ -95,10 +115,12 @@ def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content
         a, b = plain.batch(0), jitter.batch(0)
         assert not np.allclose(a.images.numpy(), b.images.numpy())
         assert a.masks.float().mean() == pytest.approx(b.masks.float().mean().item())  # flips/rotations only
-        torch.testing.assert_close(a.content, b.content, rtol=0, atol=0)  # same crops, content of the clean pixels
+        # same crops, content of the clean pixels (turned and mirrored: the same sums in another order)
+        torch.testing.assert_close(a.content, b.content, rtol=1e-6, atol=1e-6)
         for crop, mask, content in zip(a.images.flatten(0, 1), a.masks.flatten(0, 1), a.content.flatten(0, 1),
                                        strict=True):
-            np.testing.assert_allclose(content.numpy(), crop_content(crop.numpy(), mask.numpy()), rtol=1e-6)
+            np.testing.assert_allclose(content.numpy(), numpy_content(crop.numpy(), mask.numpy()),
+                                       rtol=1e-5, atol=1e-6)
     finally:
         plain.close()
         jitter.close()
@@ -110,28 +132,96 @@ def test_crop_content_by_hand():
     pixels[0, 3, 3] = 100.0  # background: left out
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True
-    got = crop_content(pixels, mask)
+    crops = torch.from_numpy(np.stack([pixels, pixels]))
+    got = crop_content(crops, torch.from_numpy(np.stack([mask, np.zeros_like(mask)])))
     want = [2.5, 0, np.std([1, 2, 3, 4]), 0, np.percentile([1, 2, 3, 4], 95), 0, 4 / 16]
-    assert got.shape == (content_size(2),) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got.shape == (2, content_size(2)) and got.dtype == torch.float32
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-6)
     # no foreground at all: every pixel counts, the share is 0
-    np.testing.assert_allclose(crop_content(pixels, np.zeros((4, 4), bool))[[0, 6]], [110 / 16, 0], rtol=1e-6)
+    np.testing.assert_allclose(got[1, [0, 6]].numpy(), [110 / 16, 0], rtol=1e-6)
 
 
-def test_field_cache_is_bounded(store_dir):
+@pytest.mark.parametrize("content", [content_numpy, content_tensor])
+def test_batched_crop_content_matches_the_per_crop_statistics_and_ignores_rotation(content):
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(6, 3, 20, 20)).astype(np.float32)
+    masks = rng.random((6, 20, 20)) < np.array([0.5, 0.1, 0.9, 0.02, 0.0, 1.0])[:, None, None]
+    got = content(torch.from_numpy(pixels), torch.from_numpy(masks)).numpy()
+    want = np.stack([numpy_content(p, m) for p, m in zip(pixels, masks, strict=True)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    turned = content(torch.from_numpy(np.rot90(pixels, 1, (2, 3)).copy()),
+                     torch.from_numpy(np.rot90(masks, 1, (1, 2)).copy())).numpy()
+    np.testing.assert_allclose(turned, got, rtol=1e-6, atol=1e-6)  # the same pixels in another order
+
+
+def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
+    """The numpy paths taken on a CPU (crops cut as turned views, percentiles by partition) give exactly what
+    the tensor paths taken on a GPU give."""
     store = open_store(join(store_dir, STORE_NAME))
-    cache = FieldCache(store, capacity=2)
-    for sample, field in store.meta.images("train"):
-        cache.get(sample, field)
-        assert len(cache) <= 2
-    assert cache.get(*store.meta.images("train")[-1]).pixels.dtype == np.float32
+    (group,) = prepare_shard(store, store.meta.samples_in("train"), [0, 1, 2], 24, torch.device("cpu")).groups
+    rng = np.random.default_rng(3)
+    rows, turns, flips = rng.integers(0, 6, 16), rng.integers(0, 4, 16), rng.integers(0, 2, 16)
+    y, x = torch.from_numpy(rng.integers(0, 41, 16)), torch.from_numpy(rng.integers(0, 41, 16))
+    a, b = cut_numpy(group, rows, y, x, 24, turns, flips), cut_tensor(group, rows, y, x, 24, turns, flips)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    values = torch.from_numpy(rng.integers(0, 5, (16, 3, 7, 7)).astype(np.float32))  # many ties
+    masks = torch.from_numpy(rng.random((16, 7, 7)) < np.linspace(0, 1, 16)[:, None, None])  # none to all
+    a, b = content_numpy(values, masks), content_tensor(values, masks)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a[:, 6:9], b[:, 6:9])  # the percentiles: the same two values, the same interpolation
+
+
+def test_batched_blur_is_scipys_gaussian_filter_per_crop():
+    rng = np.random.default_rng(1)
+    images = rng.gamma(2.0, 100.0, size=(4, 2, 40, 40)).astype(np.float32)
+    sigmas = np.array([0.5, 0.9, 1.6, 3.7])  # radii 2, 4, 6 and 15 pixels: one kernel size for all
+    got = gaussian_blur(torch.from_numpy(images), sigmas).numpy()
+    for image, sigma, out in zip(images, sigmas, got, strict=True):
+        want = gaussian_filter(image, sigma=(0, sigma, sigma), mode="reflect")
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-3)
+    assert not np.allclose(got[0], images[0], rtol=0.05)
+    wide = gaussian_blur(torch.from_numpy(images[:1, :, :20, :20]), np.array([12.0])).numpy()  # radius 48 > 20 px
+    np.testing.assert_allclose(wide[0], gaussian_filter(images[0, :, :20, :20], (0, 12, 12), mode="reflect"),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_dihedral_turns_and_mirrors_like_numpy():
+    rng = np.random.default_rng(2)
+    image, mask = rng.normal(size=(2, 5, 5)).astype(np.float32), rng.random((5, 5)) < 0.5
+    turns, flips = np.repeat(np.arange(4), 2), np.tile([0, 1], 4)  # all eight transforms
+    images, masks = torch.from_numpy(np.stack([image] * 8)), torch.from_numpy(np.stack([mask] * 8))
+    dihedral(images, masks, turns, flips)
+    for got, got_mask, turn, flip in zip(images.numpy(), masks.numpy(), turns, flips, strict=True):
+        want, want_mask = np.rot90(image, turn, (1, 2)), np.rot90(mask, turn)
+        if flip:
+            want, want_mask = want[:, :, ::-1], want_mask[:, ::-1]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_mask, want_mask)
+    assert len({g.tobytes() for g in images.numpy()}) == 8
+
+
+def test_prepared_fields_count_the_foreground_of_every_crop(store_dir):
+    store = open_store(join(store_dir, STORE_NAME))
+    samples = store.meta.samples_in("train")
+    shard = prepare_shard(store, samples, [0, 1], crop=20, device=torch.device("cpu"))
+    (group,) = shard.groups
+    assert group.pixels.shape == (4, 3, 64, 64) and group.counts.shape == (4, 45, 45)
+    for i, (sample, field) in enumerate([(s, f) for s in samples[:2] for f in store.meta.fields[s]]):
+        g, row = shard.where[i // 2][0][i % 2], shard.where[i // 2][1][i % 2]
+        assert (g, row) == (0, i)
+        mask = store.read_mask(sample, field)
+        windows = np.lib.stride_tricks.sliding_window_view(mask, (20, 20)).sum(axis=(2, 3))
+        np.testing.assert_array_equal(group.counts[row].numpy(), windows)
+        run = group.foreground[group.starts[row] : group.starts[row] + group.sizes[row]].numpy()
+        np.testing.assert_array_equal(run, np.flatnonzero(mask))
+        np.testing.assert_array_equal(group.pixels[row].numpy(), store.normalise(store.read_image(sample, field), mask))
 
 
 def test_bad_batch_or_crop_settings_are_user_errors(store_dir):
     with pytest.raises(UserError, match="BATCH_SAMPLES=5 exceeds the 4 training samples"):
         loader_for(store_dir, batch_samples=5)
     settings = tiny_settings(store_dir)
-    with pytest.raises(UserError, match="CROP=128 is larger than the fields"):
+    with pytest.raises(UserError, match=r"CROP=128 is larger than field 0000/1 of .* [(]64x64;"):
         CropLoader(open_store(join(store_dir, STORE_NAME)), settings.train, 128)
 
 
@@ -144,3 +234,82 @@ def test_batches_read_from_s3(s3_env):
         assert np.isfinite(batch.images.numpy()).all()
     finally:
         loader.close()
+
+
+def write_mixed_store(url: str) -> None:
+    """Two channels, four samples, fields of two non-square shapes (even within a sample); sample 1 has a
+    single field, without foreground."""
+    shapes = {"0": [(64, 80), (72, 64)], "1": [(72, 64)], "2": [(64, 80), (64, 80)], "3": [(72, 64), (64, 80)]}
+    meta = StoreMeta(
+        channels=["DNA", "actin"],
+        fields={s: [str(i + 1) for i in range(len(v))] for s, v in shapes.items()},
+        split=dict.fromkeys(shapes, "train"),
+        shape=(64, 64),
+        stats={"mean": [5.0, 6.0], "std": [1.0, 1.5]},
+    )
+    writer = StoreWriter(url, meta, chunk=64)
+    for s, fields in shapes.items():
+        for i, (h, w) in enumerate(fields):
+            pixels, mask = blob_field(int(s), 10 * int(s) + i, 80)
+            writer.write_image(s, str(i + 1), pixels[:2, :h, :w], mask[:h, :w] & (s != "1"))
+    writer.finish()
+
+
+def test_fields_of_several_shapes_and_two_channels(tmp_path):
+    workdir = str(tmp_path)
+    write_mixed_store(join(workdir, STORE_NAME))
+    loader = loader_for(workdir, augment=False, min_foreground=0.0, fields_per_sample=3)
+    store = loader.store
+    try:
+        shard = loader.resident.get(0)
+        assert sorted(g.shape for g in shard.groups) == [(64, 80), (72, 64)]
+        fields = [store.normalise(store.read_image(s, f), store.read_mask(s, f)) for s, f in store.meta.images()]
+        for step in range(3):
+            batch = loader.batch(step)
+            assert batch.images.shape == (4, 3, 2, 48, 48) and batch.content.shape == (4, 3, content_size(2))
+            for crop in batch.images.flatten(0, 1).numpy():
+                assert any(_contains(field, crop) for field in fields)
+            empty = batch.samples == 1  # crops anywhere in a field without foreground, measured over all pixels
+            assert not batch.masks[empty].any() and (batch.content[empty][..., -1] == 0).all()
+            assert batch.masks[~empty].any(dim=(-2, -1)).all()
+    finally:
+        loader.close()
+
+
+def test_plan_shards_keeps_whole_samples_in_store_order_within_half_the_budget():
+    sizes = [10, 30, 10, 20, 20, 10, 40, 10]
+    assert plan_shards(sizes, 150, batch=2) == [range(8)]  # everything fits: one shard
+    shards = plan_shards(sizes, 100, batch=2)
+    assert [i for s in shards for i in s] == list(range(8))  # consecutive runs covering every sample once
+    assert len(shards) > 2 and all(sum(sizes[i] for i in s) <= 50 and len(s) >= 2 for s in shards)
+    with pytest.raises(UserError, match=r"CELLMI_TRAIN__MEMORY_GB=.*BATCH_SAMPLES"):
+        plan_shards(sizes, 100, batch=4)
+
+
+def test_sharded_batches_come_from_the_resident_shard_and_visit_every_sample(tmp_path):
+    workdir = str(tmp_path)
+    make_store(join(workdir, STORE_NAME), samples=8, fields=1)
+    settings = dict(batch_samples=2, memory_gb=0.0003, shard_epochs=2, threads=1)
+    loader = loader_for(workdir, **settings)
+    fresh = loader_for(workdir, **settings)
+    try:
+        shards = loader.plan.shards
+        assert len(shards) == 4 and all(len(s) == 2 for s in shards)
+        steps = 2 * sum(loader.plan.steps)  # two rounds
+        seen = []
+        for step, batch in zip(range(steps), loader.batches(0), strict=False):
+            shard = shards[loader.plan.visit(step).shard]
+            assert set(batch.samples.tolist()) <= set(shard)
+            assert len(loader.resident) <= 2
+            assert loader.resident.get(loader.plan.visit(step).shard).nbytes <= 0.0003 * 2**30 / 2  # half the budget
+            seen += batch.samples.tolist()
+        assert sorted(set(seen)) == list(range(8))
+        visits = {loader.plan.visit(s).number: loader.plan.visit(s).shard for s in range(steps)}
+        assert list(visits) == list(range(8))  # two rounds of four visits, each round every shard once
+        assert sorted(visits[v] for v in range(4)) == sorted(visits[v] for v in range(4, 8)) == [0, 1, 2, 3]
+        for step in (steps - 1, 3, 0):  # a fresh loader, out of order: the same batches
+            again, first = fresh.batch(step), loader.batch(step)
+            assert (again.images == first.images).all() and (again.samples == first.samples).all()
+    finally:
+        loader.close()
+        fresh.close()

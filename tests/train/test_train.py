@@ -19,7 +19,7 @@ from cellmi.store import STORE_NAME
 from cellmi.train.checkpoint import latest_checkpoint, load_checkpoint
 from cellmi.train.job import main
 
-from .conftest import tiny_settings
+from .conftest import make_store, tiny_settings
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_loss_leaves_jsd_chance_within_a_bounded_number_of_steps(workdir):
     assert sum(last) / len(last) < JSD_CHANCE - 0.3, last
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
     assert state["step"] == 120 and state["stop_reason"] == "steps"
-    assert all(r["crops_per_s"] > 0 and r["gamma"] <= 0.1 for r in records)
+    assert all(r["crops_per_s"] > 0 and r["gamma"] <= 0.1 and 0 < r["busy"] <= 1 for r in records)
 
 
 def test_time_budget_stops_training_and_is_recorded(workdir):
@@ -73,6 +73,8 @@ def test_time_budget_counts_the_wait_for_data(workdir, monkeypatch):
     assert main(tiny_settings(workdir, steps=100_000, time_budget_s=1.0, checkpoint_every=1000)) == 0
     state = load_checkpoint(latest_checkpoint(os.path.join(workdir, "checkpoints")))
     assert state["stop_reason"] == "time_budget" and 1 <= state["step"] <= 8, state["step"]
+    busy = sorted(r["busy"] for r in metrics(workdir))  # the loop mostly waited for data, and says so
+    assert busy[0] >= 0 and busy[len(busy) // 2] < 0.5, busy
 
 
 def test_resume_refuses_another_architecture(workdir):
@@ -124,6 +126,30 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     for name, tensor in a["critics"]["local"].items():
         torch.testing.assert_close(b["critics"]["local"][name], tensor, rtol=0, atol=1e-6)
     assert [r["step"] for r in metrics(killed)] == list(range(1, 2 * k + 1))
+
+
+def test_training_in_shards_resumes_to_the_weights_of_a_straight_run(tmp_path):
+    """Eight samples in four shards (a tiny memory budget), one step per shard visit: a run stopped at step K
+    and started again ends with the weights of a run that went straight through."""
+    from cellmi.store import join, open_store
+    from cellmi.train.data import CropLoader
+
+    k, train = 6, {"batch_samples": 2, "memory_gb": 0.0003, "shard_epochs": 1, "checkpoint_every": 6}
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for folder in (straight, resumed):
+        make_store(join(folder, STORE_NAME), samples=8, fields=1)
+    settings = tiny_settings(straight, steps=2 * k, **train)
+    loader = CropLoader(open_store(join(straight, STORE_NAME)), settings.train, settings.model.crop)
+    assert len(loader.plan.shards) == 4 and loader.plan.steps == [1, 1, 1, 1]
+    loader.close()
+    assert main(settings) == 0
+    assert main(tiny_settings(resumed, steps=k, **train)) == 0
+    assert main(tiny_settings(resumed, steps=2 * k, **train)) == 0
+    a = load_checkpoint(latest_checkpoint(os.path.join(straight, "checkpoints")))
+    b = load_checkpoint(latest_checkpoint(os.path.join(resumed, "checkpoints")))
+    assert a["step"] == b["step"] == 2 * k
+    for name, tensor in a["encoder"].items():
+        torch.testing.assert_close(b["encoder"][name], tensor, rtol=0, atol=1e-6, msg=f"encoder.{name}")
 
 
 def test_sigterm_checkpoints_and_exits_for_a_restart(workdir):
