@@ -52,11 +52,14 @@ SAMPLES, DIM, WINDOWS_PER_FIELD = 14, 64, 170
 JOB_FIELD, JOB_WINDOW, JOB_STRIDE = 256, 64, 8
 
 
-def windows(n: int, per_field: int = WINDOWS_PER_FIELD, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+def windows(
+    n: int, per_field: int = WINDOWS_PER_FIELD, seed: int = 0, spread: float = 1.5
+) -> tuple[pd.DataFrame, np.ndarray]:
     """(n,) window table with sample/field/split/fg_fraction and (n, 64) float32 vectors, one blob per
-    sample; about ``per_field`` windows per field (at least 4 fields per sample)."""
+    sample (centres ``spread`` x a standard normal, unit noise: 1.5 apart, 0.25 overlapping);
+    about ``per_field`` windows per field (at least 4 fields per sample)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(SAMPLES, DIM)) * 1.5
+    centres = rng.normal(size=(SAMPLES, DIM)) * spread
     fields = max(4, round(n / (SAMPLES * per_field)))
     image = rng.integers(0, SAMPLES * fields, size=n)
     sample = image // fields
@@ -91,8 +94,8 @@ def field_subset(table: pd.DataFrame, cap: int, seed: int) -> np.ndarray:
     return np.flatnonzero(np.isin(codes, chosen))
 
 
-def run_size(n: int, cfg: ClusterSettings, transform_cap: int) -> dict:
-    table, x = windows(n)
+def run_size(n: int, cfg: ClusterSettings, transform_cap: int, spread: float = 1.5) -> dict:
+    table, x = windows(n, spread=spread)
     times: dict[str, float] = {}
     with timer(times, "umap_fit_s"):
         reducer = fit_reducer(
@@ -118,6 +121,7 @@ def run_size(n: int, cfg: ClusterSettings, transform_cap: int) -> dict:
     times["total_s"] = round(sum(v for k, v in times.items() if k != "place_umap_s"), 2)
     return {
         "windows": n,
+        "spread": spread,
         "fields": len(fields),
         "fitted_on": len(reducer.fit_rows),
         "transform_on": len(subset),
@@ -242,6 +246,7 @@ def run_job(workdir: Path, target: int) -> dict:
 # ---------------------------------------------------------------- tables
 PLACEMENT_COLUMNS = [
     "windows",
+    "spread",
     "fields",
     "umap_fit_s",
     "place_knn_s",
@@ -301,6 +306,9 @@ def main() -> None:
         "--transform-cap", type=int, default=20_000, help="most windows placed by UMAP's transform per size"
     )
     parser.add_argument("--job-windows", type=int, default=1_000_000, help="windows of part 2; 0 skips it")
+    parser.add_argument(
+        "--spread", type=float, nargs="+", default=[1.5], help="blob spreads (0.25: samples overlap)"
+    )
     parser.add_argument("--out", default=str(OUT / "cluster.json"))
     args = parser.parse_args()
     from cellmi.log import setup_logging
@@ -314,9 +322,10 @@ def main() -> None:
         run_size(6_000, cfg.model_copy(update={"subsample_above": 5_000}), 1000)
         run_size(6_000, cfg, 1000)
     rows = []
-    for n in args.sizes:
-        rows.append(run_size(n, cfg, args.transform_cap))
-        print(table_md(rows[-1:]).splitlines()[-1], flush=True)
+    for spread in args.spread:
+        for n in args.sizes:
+            rows.append(run_size(n, cfg, args.transform_cap, spread))
+            print(table_md(rows[-1:]).splitlines()[-1], flush=True)
     job = run_job(OUT / "cluster-run", args.job_windows) if args.job_windows else None
     result = {
         "benchmark": "cluster",
