@@ -2,16 +2,19 @@
 
     python benchmarks/bench_cluster.py                                  # 1e4, 1e5, 1e6 + the job on 1e6
     python benchmarks/bench_cluster.py --sizes 10000 100000 --job-windows 100000   # a quicker look
+    python benchmarks/bench_cluster.py --sizes 100000 --spread 0.5 0.7 --job-windows 0     # overlapping samples
 
 Part 1 (placement), for each size: synthetic 64-d windows, one Gaussian blob per sample (14
 samples, about 170 windows per field, as a 512 px field at stride 32 has), clustered as `cellmi
 cluster` clusters one feature set with its default settings: UMAP fitted on a seeded subsample
-of 4,000 above 20,000 windows, the rest placed by nearest fitted windows (``knn``, the default)
-and by UMAP's own ``transform``, then the Gaussian mixture, the window vote and the field
-grouping. ``transform`` runs on every window up to ``--transform-cap`` windows, above that on
-the windows of a seeded subset of whole fields (its time then scaled to all windows, marked
-"est."). Agreement: ARI between the two placements' window clusters, and between their
-field-vote labels, over the windows/fields both placed.
+of 4,000 above 20,000 windows and the Gaussian mixture on its embedding; the other windows
+placed by nearest fitted windows (``knn``, the default: their cluster is the neighbours' vote)
+and by UMAP's own ``transform`` (the mixture at the place); then the field vote and grouping.
+``transform`` runs on every window up to ``--transform-cap`` windows, above that on the windows
+of a seeded subset of whole fields (its time then scaled to all windows, marked "est.").
+Agreement: ARI between the two placements' window clusters, and between their field-vote
+labels, over the windows/fields both placed. ``--spread``: how far apart the samples' blobs are
+(1.5: apart; 0.5-0.7: overlapping, the regime where placement decides many windows).
 
 Part 2 (the job): a run folder with an image store (256 px fields, 64 px windows at stride 8:
 625 windows a field) and representations of ``--job-windows`` windows with the three feature
@@ -42,9 +45,9 @@ import pandas as pd
 
 from cellmi.analyze.job import fit_field_clusters
 from cellmi.analyze.metrics import cluster_scores
-from cellmi.analyze.mixture import assign, fit_mixture, vote
+from cellmi.analyze.mixture import assign, fit_mixture, most_probable, vote
 from cellmi.analyze.profiles import field_profiles
-from cellmi.analyze.reduce import embed, fit_reducer
+from cellmi.analyze.reduce import embed, fit_reducer, place
 from cellmi.settings import ClusterSettings
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -101,17 +104,17 @@ def run_size(n: int, cfg: ClusterSettings, transform_cap: int, spread: float = 1
         reducer = fit_reducer(
             x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
         )
-    with timer(times, "place_knn_s"):
-        z = embed(reducer, x, placement="knn")
-    subset = field_subset(table, transform_cap, cfg.seed)
-    with timer(times, "place_umap_s"):
-        z_umap = embed(reducer, x[subset], placement="umap")
-    if len(subset) < n:
-        times["place_umap_s"] = round(times["place_umap_s"] * n / len(subset), 1)
     with timer(times, "mixture_s"):
         gmm = fit_mixture(reducer.fit_embedding, SAMPLES, cfg.seed)
-        labels, _ = assign(gmm, z)
-    labels_umap, _ = assign(gmm, z_umap)
+        fitted = gmm.predict_proba(reducer.fit_embedding)
+    with timer(times, "place_knn_s"):  # as `cellmi cluster`: the neighbours' vote gives the cluster
+        _, proba = place(reducer, x, placement="knn", carry=fitted)
+        labels, _ = most_probable(proba)
+    subset = field_subset(table, transform_cap, cfg.seed)
+    with timer(times, "place_umap_s"):
+        labels_umap, _ = assign(gmm, embed(reducer, x[subset], placement="umap"))
+    if len(subset) < n:
+        times["place_umap_s"] = round(times["place_umap_s"] * n / len(subset), 1)
     with timer(times, "vote_profiles_s"):
         votes = vote(table, labels)
         fields, profiles = field_profiles(table, x, cfg.aggregate)

@@ -69,7 +69,7 @@ from cellmi.analyze.gallery import (
 )
 from cellmi.analyze.maps import MAPS, write_maps
 from cellmi.analyze.metrics import cluster_scores, confusion, mean_average_precision, nn_accuracy
-from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.mixture import fit_mixture, most_probable, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
     ProfileModel,
     align_labels,
@@ -78,7 +78,7 @@ from cellmi.analyze.profiles import (
     fit_profiles,
     relabel,
 )
-from cellmi.analyze.reduce import CHUNK, Reducer, embed, embed_2d, fit_reducer
+from cellmi.analyze.reduce import CHUNK, Reducer, embed_2d, fit_reducer, place
 from cellmi.analyze.report import ClusterView, ReportData, render_report
 from cellmi.errors import UserError
 from cellmi.log import log, setup_logging
@@ -251,18 +251,24 @@ def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
 
 def cluster_windows(
     x: np.ndarray, cfg: ClusterSettings, k: int, select: str, client: Any
-) -> tuple[Reducer, GaussianMixture, np.ndarray, dict[int, float]]:
-    """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding and BIC scores (when chosen by BIC)."""
+) -> tuple[Reducer, GaussianMixture, np.ndarray, np.ndarray, dict[int, float]]:
+    """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding, (N, K) cluster probabilities and
+    BIC scores (when chosen by BIC).
+
+    The mixture is fitted on the UMAP of the fitted windows. A window placed by ``knn`` takes the
+    weighted mean of its neighbours' probabilities (a vote of the fitted windows nearest it in the
+    feature space); one placed by ``umap`` (or fitted) the mixture's at its place in the embedding.
+    """
     reducer = fit_reducer(
         x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
     )
-    z = embed(reducer, x, client, placement=cfg.placement)
     fit_z = reducer.fit_embedding
     if select == "bic":
         gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
     else:
         gmm, bic = fit_mixture(fit_z, k, cfg.seed), {}
-    return reducer, gmm, z, bic
+    z, proba = place(reducer, x, client, placement=cfg.placement, carry=gmm.predict_proba(fit_z))
+    return reducer, gmm, z, gmm.predict_proba(z) if proba is None else proba, bic
 
 
 def fit_field_clusters(
@@ -309,8 +315,8 @@ def cluster_feature_set(
     reps: Representations, name: str, cfg: ClusterSettings, k: int, select: str, client: Any, focus: Focus
 ) -> Clustering:
     x = reps.features[name]
-    reducer, gmm, z, bic = cluster_windows(x, cfg, k, select, client)
-    labels, prob = assign(gmm, z)
+    reducer, gmm, z, proba, bic = cluster_windows(x, cfg, k, select, client)
+    labels, prob = most_probable(proba)
     fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components, focus)
     return Clustering(reducer, gmm, z, labels, prob, fields, profiles, model, bic)
 
@@ -824,8 +830,10 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
             f"{url}: {x.shape[1]}-d vectors, but the saved model was fitted on {bundle['feature_dim']}-d ones"
         )
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
-        z = embed(bundle["reducer"], x, client, placement=settings.cluster.placement)
-    labels, prob = assign(bundle["mixture"], z)
+        reducer, mixture = bundle["reducer"], bundle["mixture"]
+        fitted = mixture.predict_proba(reducer.fit_embedding)
+        z, proba = place(reducer, x, client, placement=settings.cluster.placement, carry=fitted)
+    labels, prob = most_probable(mixture.predict_proba(z) if proba is None else proba)
     fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")

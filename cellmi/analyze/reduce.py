@@ -154,17 +154,23 @@ def membership(dists: np.ndarray) -> np.ndarray:
     return np.exp(-gap / np.maximum(sigmas[:, None], 1e-12))
 
 
-def place_knn(reducer: Reducer, rows: np.ndarray) -> np.ndarray:
-    """(N, F) scaled rows -> (N, D): weighted mean of the embedding of their nearest fitted rows."""
+def place_knn(
+    reducer: Reducer, rows: np.ndarray, carry: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(N, F) scaled rows -> (N, D): weighted mean of the embedding of their nearest fitted rows;
+    with ``carry`` (n_fit, K) values of the fitted rows, also (N, K): the same weighted mean of those."""
     k = min(int(reducer.model.n_neighbors), len(reducer.fit_rows))
     out = np.empty((len(rows), reducer.dim), np.float32)
+    carried = None if carry is None else np.empty((len(rows), carry.shape[1]), np.float64)
     for start in range(0, len(rows), KNN_BLOCK):
         block = slice(start, start + KNN_BLOCK)
         indices, dists = nearest_fitted(reducer, rows[block], k)
         weights = membership(dists)
         weights /= weights.sum(axis=1, keepdims=True)
         out[block] = np.einsum("nk,nkd->nd", weights, reducer.fit_embedding[indices])
-    return out
+        if carried is not None:
+            carried[block] = np.einsum("nk,nkc->nc", weights, carry[indices])
+    return out, carried
 
 
 def place_umap(reducer: Reducer, rows: np.ndarray, client: Any = None, chunk: int = CHUNK) -> np.ndarray:
@@ -184,28 +190,50 @@ def place_umap(reducer: Reducer, rows: np.ndarray, client: Any = None, chunk: in
     return np.concatenate(results) if results else np.zeros((0, reducer.dim), np.float32)
 
 
-def embed(
-    reducer: Reducer, x: np.ndarray, client: Any = None, chunk: int = CHUNK, placement: Placement = "knn"
-) -> np.ndarray:
+def place(
+    reducer: Reducer,
+    x: np.ndarray,
+    client: Any = None,
+    chunk: int = CHUNK,
+    placement: Placement = "knn",
+    carry: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(N, F) raw vectors -> (N, D) embedding: fitted rows as fitted, the rest placed by ``placement``.
 
     ``knn`` runs in this process (``client`` unused); ``umap`` runs ``transform`` in chunks of
     ``chunk`` rows, as Dask tasks with a ``client``, else here; both give the same numbers.
+    ``carry`` (n_fit, K), values of the fitted rows (e.g. their mixture posteriors), comes back as
+    (N, K) with ``knn``: fitted rows keep theirs, the others get their neighbours' weighted mean (a
+    nearest-neighbour vote); with ``umap`` None (the caller derives them from the embedding).
     """
     rows = reducer.scale(x)
     out = np.empty((len(rows), reducer.dim), np.float32)
     found = fitted_lookup(reducer, rows)
-    out[found >= 0] = reducer.fit_embedding[found[found >= 0]]
-    todo = np.flatnonzero(found < 0)
+    known = found >= 0
+    out[known] = reducer.fit_embedding[found[known]]
+    carried = None
+    if carry is not None and placement == "knn":
+        carried = np.empty((len(rows), carry.shape[1]), np.float64)
+        carried[known] = carry[found[known]]
+    todo = np.flatnonzero(~known)
     if not len(todo):
-        return out
+        return out, carried
     where = " on Dask" if client is not None and placement == "umap" else ""
     log.info("UMAP: placing %d windows (%s)%s", len(todo), placement, where)
     if placement == "knn":
-        out[todo] = place_knn(reducer, rows[todo])
+        out[todo], votes = place_knn(reducer, rows[todo], carry)
+        if carried is not None:
+            carried[todo] = votes
     else:
         out[todo] = place_umap(reducer, rows[todo], client, chunk)
-    return out
+    return out, carried
+
+
+def embed(
+    reducer: Reducer, x: np.ndarray, client: Any = None, chunk: int = CHUNK, placement: Placement = "knn"
+) -> np.ndarray:
+    """(N, F) raw vectors -> (N, D) embedding (see :func:`place`)."""
+    return place(reducer, x, client, chunk, placement)[0]
 
 
 def embed_2d(x: np.ndarray, neighbors: int, seed: int, cap: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmi.analyze.mixture import assign, fit_mixture
-from cellmi.analyze.reduce import embed, fit_reducer, membership, nearest_fitted, subsample_index
+from cellmi.analyze.mixture import assign, fit_mixture, most_probable
+from cellmi.analyze.reduce import embed, fit_reducer, membership, nearest_fitted, place, subsample_index
 from cellmi.errors import UserError
 from cellmi.settings import Settings
 
@@ -59,20 +59,38 @@ def _touching_blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_knn_placement_agrees_with_umap_transform():
-    """Same clusters for nearly every window, and each window placed near where transform puts it."""
+    """Same clusters for nearly every window (the neighbours' vote against the mixture at transform's
+    place), and each window placed near where transform puts it."""
     from sklearn.metrics import adjusted_rand_score
 
-    x, _ = _touching_blobs(1200)
+    x, truth = _touching_blobs(1200)
     reducer = fit_reducer(x, dim=4, neighbors=15, min_dist=0.0, seed=0, subsample_above=600, subsample_size=600)
-    knn = embed(reducer, x, placement="knn")
-    umap = embed(reducer, x, placement="umap")
     gmm = fit_mixture(reducer.fit_embedding, 4, seed=0)
-    assert adjusted_rand_score(assign(gmm, knn)[0], assign(gmm, umap)[0]) >= 0.9
+    knn, proba = place(reducer, x, placement="knn", carry=gmm.predict_proba(reducer.fit_embedding))
+    umap = embed(reducer, x, placement="umap")
+    voted, by_transform = most_probable(proba)[0], assign(gmm, umap)[0]
+    assert adjusted_rand_score(voted, by_transform) >= 0.9
+    assert adjusted_rand_score(truth, voted) >= adjusted_rand_score(truth, by_transform) - 0.02
     spread = np.linalg.norm(reducer.fit_embedding - reducer.fit_embedding.mean(axis=0), axis=1).mean()
     assert np.median(np.linalg.norm(knn - umap, axis=1)) < 0.1 * spread
     # the check can fail: placing every window at a random fitted window's spot is far off
     shuffled = reducer.fit_embedding[np.random.default_rng(0).integers(0, 600, len(x))]
     assert np.median(np.linalg.norm(shuffled - umap, axis=1)) > 0.5 * spread
+
+
+def test_the_vote_carries_the_fitted_windows_values(fitted):
+    """Fitted windows keep their own values; a placed one gets its neighbours' weighted mean."""
+    x, _, reducer = fitted
+    values = np.random.default_rng(0).random((len(reducer.fit_rows), 3))
+    _, carried = place(reducer, x, placement="knn", carry=values)
+    index = subsample_index(len(x), 100, 90, 0)
+    np.testing.assert_allclose(carried[index], values)
+    rest = np.setdiff1d(np.arange(len(x)), index)
+    indices, dists = nearest_fitted(reducer, reducer.scale(x[rest]), 10)
+    weights = membership(dists)
+    want = (weights[:, :, None] * values[indices]).sum(axis=1) / weights.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(carried[rest], want, rtol=1e-5)
+    assert place(reducer, x, placement="umap", carry=values)[1] is None
 
 
 def test_membership_weights_fall_with_distance_like_umaps():
