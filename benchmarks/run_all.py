@@ -30,7 +30,7 @@ OUT = HERE / "out"
 BENCHES = {
     "train": ("bench_train.py", "train.json", "table", None),
     "infer": ("bench_infer.py", "infer.json", "table", None),
-    "cluster": ("bench_cluster.py", "cluster.json", "table_md", "rows"),
+    "cluster": ("bench_cluster.py", "cluster.json", "table", None),
     "quality": ("bench_quality.py", "quality.json", "table", "results"),
 }
 TITLES = {

@@ -258,6 +258,7 @@ def dask_slurm(options: argparse.Namespace, command: Sequence[str]) -> int:
         job_script_prologue=options.prologue,
         log_directory=options.log_directory,
         scheduler_options={"host": options.host} if options.host else {},
+        worker_extra_args=["--resources", options.resources] if options.resources else [],
     )
     with SLURMCluster(**cluster_options) as cluster:
         cluster.scale(jobs=options.jobs)
@@ -304,6 +305,9 @@ def _dask_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prologue", action="append", default=[], help="Shell line before the worker starts."
+    )
+    parser.add_argument(
+        "--resources", help="Dask resources each worker offers, e.g. GPU=1 (GPU workers get batched inference)."
     )
     parser.add_argument("--log-directory", help="Folder for the worker jobs' SLURM logs.")
     parser.add_argument(

@@ -352,9 +352,31 @@ class InferSettings(Section):
         None, description="Existing Dask scheduler; DASK_SCHEDULER_ADDRESS is used when this is unset."
     )
     workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per core.")
-    fields_per_task: int = Field(1, ge=1, description="Fields per Dask task.")
+    fields_per_task: int = Field(
+        0,
+        ge=0,
+        description="Fields per Dask task on CPU workers (a task writes its fields as one part); 0: as many as "
+        "leave each worker at least 4 tasks, at most 8.",
+    )
     retries: int = Field(3, ge=0, description="Retries of a failed task.")
     batch_windows: int = Field(64, ge=1, description="Windows per forward pass in naive mode.")
+    device: Literal["auto", "cpu"] = Field(
+        "auto",
+        description="auto: when Dask workers offer a GPU resource (dask worker --resources GPU=1; the embedded "
+        "cluster has one such worker on a machine with CUDA), every field goes to them in batches of gpu_fields; "
+        "cpu: one field at a time on any worker.",
+    )
+    gpu_fields: int = Field(
+        32, ge=1, description="Fields per task on a GPU worker: fields of one shape share each forward pass."
+    )
+    precision: Literal["bf16", "float32"] = Field(
+        "bf16",
+        description="Precision of the encoder's conv trunk on a GPU (bf16 autocast; vectors within ~1 % of "
+        "float32); pooling and head stay float32. On the CPU always float32.",
+    )
+    prep_threads: int = Field(
+        0, ge=0, description="Threads reading and preparing the fields of a GPU task; 0: the worker's cores."
+    )
     baseline_seed: int = Field(0, description="Seed of the untrained encoder of the random baseline.")
     memory_limit_gb: float = Field(
         4.0, gt=0, description="Refuse settings whose estimated per-task memory exceeds this."
@@ -400,7 +422,8 @@ class ClusterSettings(Section):
         None,
         ge=2,
         description="Nearest fields (itself included) each field is linked to in the spectral graph; the "
-        "consensus of this size and one either side is taken. Default: the median number of fields per sample.",
+        "consensus of this size and one either side is taken. Default: the median number of fields per sample, "
+        "at most 32.",
     )
     focus_qc: float = Field(
         0.67,
@@ -420,8 +443,26 @@ class ClusterSettings(Section):
     subsample_above: int = Field(
         20_000, ge=100, description="Fit UMAP and GMM on a subsample when there are more windows."
     )
-    subsample_size: int = Field(10_000, ge=100, description="Size of that subsample.")
+    subsample_size: int = Field(
+        4_000,
+        ge=100,
+        description="Size of that subsample. Up to 4,095 UMAP finds exact neighbours (above, pynndescent, whose "
+        "compilation costs ~30 s a process); raise it for many clusters (~300 windows a cluster).",
+    )
+    placement: Literal["knn", "umap"] = Field(
+        "knn",
+        description="How windows outside the UMAP subsample are placed: knn, the weighted mean of the "
+        "embedding of their nearest fitted windows (how UMAP's transform starts; ~10 s per 10^6 windows); "
+        "umap, UMAP's transform itself (on Dask above 50,000 windows; ~5 ms a window below 4,096 fitted "
+        "windows, where umap-learn compares every pair, ~0.5 ms above).",
+    )
     baselines: bool = Field(True, description="Also score an untrained encoder and hand-crafted features.")
+    baselines_apart_above: int = Field(
+        20_000,
+        ge=0,
+        description="From this many windows to cluster on, with 2 or more cores and a fixed cluster count, the "
+        "baselines are clustered in a second process while DIM is clustered in the first (same results).",
+    )
     gallery: int = Field(8, ge=1, description="Windows per cluster in the gallery.")
     seed: int = Field(0, description="Seed of UMAP, the mixture and subsampling.")
     apply_to: str | None = Field(

@@ -39,9 +39,12 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +53,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
 
 from cellmi import __version__
 from cellmi.analyze.describe import describe, trait_effects
@@ -65,7 +69,7 @@ from cellmi.analyze.gallery import (
 )
 from cellmi.analyze.maps import MAPS, write_maps
 from cellmi.analyze.metrics import cluster_scores, confusion, mean_average_precision, nn_accuracy
-from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.mixture import fit_mixture, most_probable, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
     ProfileModel,
     align_labels,
@@ -74,10 +78,10 @@ from cellmi.analyze.profiles import (
     fit_profiles,
     relabel,
 )
-from cellmi.analyze.reduce import CHUNK, Reducer, embed, embed_2d, fit_reducer
+from cellmi.analyze.reduce import CHUNK, Reducer, embed_2d, fit_reducer, place
 from cellmi.analyze.report import ClusterView, ReportData, render_report
 from cellmi.errors import UserError
-from cellmi.log import log
+from cellmi.log import log, setup_logging
 from cellmi.representations import (
     REPR_ZARR,
     Representations,
@@ -95,6 +99,8 @@ APPLIED = "applied"
 MODEL_FILE = "model.joblib"
 FEATURE_SETS = ("dim", "random", "handcrafted")
 TRAIT_WINDOWS = 64  # windows per cluster whose pixels are measured for the traits table
+# Spectral graph neighbourhood cap: 6,000 fields of 430 a sample took 16 s at 430, 1.5 s at 30.
+PROFILE_NEIGHBORS_MAX = 32
 LOCAL_DASK_ABOVE = 10 * CHUNK  # windows to place before starting a local Dask cluster pays off
 SCORE_KEYS = (
     "n_windows",
@@ -162,7 +168,7 @@ def usable_windows(reps: Representations, url: str) -> Representations:
     keep = ~reps.table["background"].to_numpy(bool)
     if not keep.any():
         raise UserError(f"{url}: no foreground windows to cluster")
-    return reps.subset(keep)
+    return reps if keep.all() else reps.subset(keep)
 
 
 def split_rows(reps: Representations, split: str, url: str) -> Representations:
@@ -184,8 +190,11 @@ def phenotype_map(reps: Representations) -> dict[str, str]:
 
 @contextmanager
 def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
-    """A Dask client when many windows must be placed: the configured scheduler, else a local cluster."""
+    """A Dask client when many windows must be placed by UMAP's transform: the configured scheduler,
+    else a local cluster (k-nearest-neighbour placement runs here and needs none)."""
     address = settings.infer.scheduler_address or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if settings.cluster.placement != "umap":
+        to_place = 0
     if to_place == 0 or (not address and to_place < LOCAL_DASK_ABOVE):
         yield None
         return
@@ -222,10 +231,17 @@ class Clustering:
 
 
 def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
-    """Focus score of every field of the representations, read from their image store (none when QC is off)."""
+    """Focus score of every field of the representations (none when QC is off): as inference measured
+    it, or, for representations without it, from their image store."""
     if cfg.focus_qc <= 0:
         return {}
     pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates()
+    measured = reps.attrs.get("focus") or {}
+    if all(f in measured.get(s, {}) for s, f in pairs.itertuples(index=False, name=None)):
+        return {
+            (s, f): np.nan if measured[s][f] is None else float(measured[s][f])
+            for s, f in pairs.itertuples(index=False, name=None)
+        }
     try:
         return field_focus(open_store(str(reps.attrs["store"])), list(pairs.itertuples(index=False, name=None)))
     except (UserError, OSError, KeyError) as err:
@@ -235,18 +251,24 @@ def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
 
 def cluster_windows(
     x: np.ndarray, cfg: ClusterSettings, k: int, select: str, client: Any
-) -> tuple[Reducer, GaussianMixture, np.ndarray, dict[int, float]]:
-    """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding and BIC scores (when chosen by BIC)."""
+) -> tuple[Reducer, GaussianMixture, np.ndarray, np.ndarray, dict[int, float]]:
+    """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding, (N, K) cluster probabilities and
+    BIC scores (when chosen by BIC).
+
+    The mixture is fitted on the UMAP of the fitted windows. A window placed by ``knn`` takes the
+    weighted mean of its neighbours' probabilities (a vote of the fitted windows nearest it in the
+    feature space); one placed by ``umap`` (or fitted) the mixture's at its place in the embedding.
+    """
     reducer = fit_reducer(
         x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
     )
-    z = embed(reducer, x, client)
     fit_z = reducer.fit_embedding
     if select == "bic":
         gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
     else:
         gmm, bic = fit_mixture(fit_z, k, cfg.seed), {}
-    return reducer, gmm, z, bic
+    z, proba = place(reducer, x, client, placement=cfg.placement, carry=gmm.predict_proba(fit_z))
+    return reducer, gmm, z, gmm.predict_proba(z) if proba is None else proba, bic
 
 
 def fit_field_clusters(
@@ -270,8 +292,9 @@ def fit_field_clusters(
 
 
 def fields_per_sample(fields: pd.DataFrame) -> int:
-    """The median number of fields a sample has: the natural neighbourhood of a field in the graph."""
-    return max(2, round(float(fields.groupby("sample", observed=True).size().median())))
+    """The median number of fields a sample has: the natural neighbourhood of a field in the graph;
+    at most ``PROFILE_NEIGHBORS_MAX`` (more neighbours only make the graph slower to cut)."""
+    return min(PROFILE_NEIGHBORS_MAX, max(2, round(float(fields.groupby("sample", observed=True).size().median()))))
 
 
 def cluster_fields(
@@ -292,8 +315,8 @@ def cluster_feature_set(
     reps: Representations, name: str, cfg: ClusterSettings, k: int, select: str, client: Any, focus: Focus
 ) -> Clustering:
     x = reps.features[name]
-    reducer, gmm, z, bic = cluster_windows(x, cfg, k, select, client)
-    labels, prob = assign(gmm, z)
+    reducer, gmm, z, proba, bic = cluster_windows(x, cfg, k, select, client)
+    labels, prob = most_probable(proba)
     fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components, focus)
     return Clustering(reducer, gmm, z, labels, prob, fields, profiles, model, bic)
 
@@ -589,13 +612,71 @@ def _feature_sets(reps: Representations, baselines: bool) -> list[str]:
     return names
 
 
+def score_feature_set(
+    reps: Representations,
+    primary: Representations,
+    name: str,
+    cfg: ClusterSettings,
+    k: int,
+    select: str,
+    client: Any,
+    focus: Focus,
+) -> tuple[Clustering, dict[str, Any], dict[str, tuple[dict, pd.DataFrame]], dict[str, float]]:
+    """Cluster one feature set on the chosen split and score it there and on the other splits.
+
+    Returns the clustering, scores by split, the other splits' (scores, fields) by "name/split",
+    and the steps' seconds.
+    """
+    phen, timings = phenotype_map(reps), {}
+    with timed(f"cluster {name}", timings):
+        c = cluster_feature_set(primary, name, cfg, k, select, client, focus)
+    scores = {cfg.split: primary_scores(primary, c, cfg, phen)}
+    others = {}
+    with timed(f"profiles {name}", timings):
+        for split in OTHER_SPLITS[cfg.split]:
+            found = profile_split(reps, split, name, cfg, phen, focus)
+            if found is not None:
+                scores[split] = found[0]
+                others[f"{name}/{split}"] = found
+    return c, scores, others, timings
+
+
+def score_baseline(
+    reps: Representations, primary: Representations, name: str, cfg: ClusterSettings, k: int, focus: Focus, level: int
+) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:
+    """``score_feature_set`` of a baseline in a process of its own: window labels, scores, seconds."""
+    setup_logging(logging.getLevelName(level))
+    with threadpool_limits(1):  # one core each: this process and the one clustering DIM
+        c, scores, _, timings = score_feature_set(reps, primary, name, cfg, k, "fixed", None, focus)
+    return c.labels, scores, timings
+
+
+def only(reps: Representations, name: str) -> Representations:
+    """The same windows with one feature set (what a baseline's process needs to be sent)."""
+    return Representations(reps.table, {name: reps.features[name]}, reps.attrs)
+
+
+@contextmanager
+def baseline_process(cfg: ClusterSettings, names: list[str], windows: int, client: Any) -> Iterator[Any]:
+    """A second process for the baselines, while DIM is clustered here: when there are baselines, a
+    core for them, enough windows to pay for the process's start (imports and numba compilation),
+    a fixed cluster count (by BIC the baselines wait for DIM's) and no Dask placement."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    apart = len(names) > 1 and cores >= 2 and windows >= cfg.baselines_apart_above
+    if not apart or cfg.select != "fixed" or client is not None:
+        yield None
+        return
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        log.info("cluster: baselines %s in a second process", ", ".join(names[1:]))
+        yield pool
+
+
 def run_analysis(settings: Settings) -> dict[str, Any]:
     """Cluster every feature set, score, write tables, model, figures, metrics and the report."""
     cfg, timings = settings.cluster, {}
     url, out = join(settings.workdir, REPR_ZARR), join(settings.workdir, ANALYSIS)
     with timed("load", timings):
         reps = usable_windows(load_representations(url), url)
-    phen = phenotype_map(reps)
     primary = split_rows(reps, cfg.split, url)
     k = cfg.n_clusters or int(primary.table["sample"].nunique())
     with timed("focus", timings):
@@ -607,51 +688,66 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
         "select": cfg.select,
         "score_keys": list(SCORE_KEYS),
     }
-    results: dict[str, Clustering] = {}
-    others: dict[str, tuple[dict, pd.DataFrame]] = {}
+    names = _feature_sets(reps, cfg.baselines)
+    labels: dict[str, np.ndarray] = {}
     n = len(primary.table)
-    with dask_client(settings, n - cfg.subsample_size if n > cfg.subsample_above else 0) as client:
-        for name in _feature_sets(reps, cfg.baselines):
-            select = cfg.select if name == "dim" else "fixed"
-            k_used = k if name == "dim" else results["dim"].mixture.n_components
-            with timed(f"cluster {name}", timings):
-                results[name] = cluster_feature_set(primary, name, cfg, k_used, select, client, focus)
-            metrics[name] = {cfg.split: primary_scores(primary, results[name], cfg, phen)}
-            with timed(f"profiles {name}", timings):
-                for split in OTHER_SPLITS[cfg.split]:
-                    found = profile_split(reps, split, name, cfg, phen, focus)
-                    if found is not None:
-                        metrics[name][split] = found[0]
-                        others[f"{name}/{split}"] = found
-    dim = results["dim"]
+    with (
+        dask_client(settings, n - cfg.subsample_size if n > cfg.subsample_above else 0) as client,
+        baseline_process(cfg, names, n, client) as pool,
+    ):
+        args = (cfg, k, focus, log.getEffectiveLevel())
+        pending = {
+            name: pool.submit(score_baseline, only(reps, name), only(primary, name), name, *args)
+            for name in (names[1:] if pool else [])
+        }
+        with threadpool_limits(1 if pending else None):  # the other core is the baselines' process's
+            dim, metrics["dim"], others, spent = score_feature_set(
+                reps, primary, "dim", cfg, k, cfg.select, client, focus
+            )
+            timings.update(spent)
+            pictures = dim_pictures(settings, out, reps, primary, dim, others, timings, url)
+        for name in names[1:]:
+            if name not in pending:  # the baselines use DIM's cluster count
+                c, metrics[name], _, spent = score_feature_set(
+                    reps, primary, name, cfg, dim.mixture.n_components, "fixed", client, focus
+                )
+                timings.update(spent)
+                labels[name] = c.labels
+        for name, future in pending.items():
+            with timed(f"waiting for {name}", timings):
+                labels[name], metrics[name], spent = future.result()
+            timings.update({f"{step} (apart)": seconds for step, seconds in spent.items()})
     metrics["n_clusters"] = int(dim.mixture.n_components)
     metrics["bic"] = {str(kk): v for kk, v in dim.bic.items()} or None
-    write_outputs(settings, out, reps, primary, results, others, metrics, timings, url)
+    baseline_labels = {name: labels[name] for name in names[1:]}
+    write_outputs(settings, out, reps, primary, dim, baseline_labels, pictures, metrics, timings, url)
     return metrics
 
 
-def write_outputs(
+@dataclass
+class Pictures:
+    """What the DIM clustering shows: figures (PNG name -> caption, bytes), its pixel views (None
+    without the image store), the maps' URL (None without maps) and notes for the report."""
+
+    pngs: dict[str, tuple[str, bytes]]
+    pixels: PixelViews | None
+    maps: str | None
+    notes: list[str]
+
+
+def dim_pictures(
     settings: Settings,
     out: str,
     reps: Representations,
     primary: Representations,
-    results: dict[str, Clustering],
+    dim: Clustering,
     others: dict[str, tuple[dict, pd.DataFrame]],
-    metrics: dict[str, Any],
     timings: dict[str, float],
     url: str,
-) -> None:
-    cfg, dim, phen = settings.cluster, results["dim"], phenotype_map(reps)
-    fmeta = reps.attrs.get("field_metadata")
-    with timed("tables and model", timings):
-        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
-        baseline_labels = {n: r.labels for n, r in results.items() if n != "dim"}
-        write_parquet(
-            join(out, "clusters_windows.parquet"),
-            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels, fmeta),
-        )
-        images = image_frame(dim.fields, cfg.image_labels, phen, fmeta)
-        write_parquet(join(out, "clusters_images.parquet"), images)
+) -> Pictures:
+    """Figures, galleries, traits table and maps of the DIM clustering (writes cluster_traits.csv and
+    the maps); needs nothing of the baselines, so it runs while their process works."""
+    cfg = settings.cluster
     other_split = next(iter(OTHER_SPLITS[cfg.split]), None)
     other = (other_split, others[f"dim/{other_split}"][1]) if f"dim/{other_split}" in others else None
     with timed("figures", timings):
@@ -675,6 +771,33 @@ def write_outputs(
             maps = cluster_maps(primary, dim, out)
         else:
             remove(join(out, MAPS))  # maps of an earlier clustering would not match these clusters
+    return Pictures(pngs, pixels, maps, notes)
+
+
+def write_outputs(
+    settings: Settings,
+    out: str,
+    reps: Representations,
+    primary: Representations,
+    dim: Clustering,
+    baseline_labels: dict[str, np.ndarray],
+    pictures: Pictures,
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+    url: str,
+) -> None:
+    """Tables, model, figures, metrics, and the report last (it marks the stage done)."""
+    cfg, phen = settings.cluster, phenotype_map(reps)
+    fmeta = reps.attrs.get("field_metadata")
+    with timed("tables and model", timings):
+        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
+        write_parquet(
+            join(out, "clusters_windows.parquet"),
+            window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels, fmeta),
+        )
+        images = image_frame(dim.fields, cfg.image_labels, phen, fmeta)
+        write_parquet(join(out, "clusters_images.parquet"), images)
+    pngs, pixels = pictures.pngs, pictures.pixels
     for name, (_, png) in pngs.items():
         write_bytes_atomic(join(out, name), png)
     metrics["timings_s"] = timings
@@ -686,10 +809,10 @@ def write_outputs(
         provenance=provenance(url, reps, timings),
         figures=[pngs[n] for n in ("umap.png", "confusion.png", "bic.png") if n in pngs],
         clusters=pixels.views if pixels else [],
-        notes=notes,
+        notes=pictures.notes,
         fields=images,
         channels=pixels.channels if pixels else [],
-        maps=maps,
+        maps=pictures.maps,
     )
     write_bytes_atomic(join(out, "report.html"), render_report(report).encode())
     log.info("cluster: report at %s", join(out, "report.html"))
@@ -707,8 +830,10 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
             f"{url}: {x.shape[1]}-d vectors, but the saved model was fitted on {bundle['feature_dim']}-d ones"
         )
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
-        z = embed(bundle["reducer"], x, client)
-    labels, prob = assign(bundle["mixture"], z)
+        reducer, mixture = bundle["reducer"], bundle["mixture"]
+        fitted = mixture.predict_proba(reducer.fit_embedding)
+        z, proba = place(reducer, x, client, placement=settings.cluster.placement, carry=fitted)
+    labels, prob = most_probable(mixture.predict_proba(z) if proba is None else proba)
     fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")

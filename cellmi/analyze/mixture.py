@@ -42,9 +42,13 @@ def select_by_bic(
 
 def assign(gmm: GaussianMixture, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) points -> cluster id (N,) int and its posterior probability (N,) float32."""
-    proba = gmm.predict_proba(z)
+    return most_probable(gmm.predict_proba(z))
+
+
+def most_probable(proba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) cluster probabilities -> the most probable cluster (N,) int and its probability (N,) float32."""
     labels = proba.argmax(axis=1)
-    return labels.astype(np.int64), proba[np.arange(len(z)), labels].astype(np.float32)
+    return labels.astype(np.int64), proba[np.arange(len(proba)), labels].astype(np.float32)
 
 
 def vote(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:

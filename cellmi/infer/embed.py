@@ -17,7 +17,17 @@ import torch
 from cellmi.infer.windows import map_groups
 from cellmi.settings import TEST_VIEWS
 
-__all__ = ["VIEWS", "EncoderLike", "activation_bytes", "embed_naive", "embed_shared", "embed_views", "view_of"]
+__all__ = [
+    "VIEWS",
+    "EncoderLike",
+    "activation_bytes",
+    "embed_batch",
+    "embed_naive",
+    "embed_shared",
+    "embed_views",
+    "local_maps",
+    "view_of",
+]
 
 VIEWS = TEST_VIEWS  # how many of the field's dihedral transforms each window's vector may average over
 
@@ -34,8 +44,8 @@ class EncoderLike(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _global_dim(encoder: EncoderLike, channels: int, window: int) -> int:
-    probe = torch.zeros(1, channels, window, window)
+def _global_dim(encoder: EncoderLike, channels: int, window: int, device: torch.device | None = None) -> int:
+    probe = torch.zeros(1, channels, window, window, device=device)
     return int(encoder(probe)[1].shape[1])
 
 
@@ -103,6 +113,56 @@ def embed_naive(
         masks = torch.stack([fg[y : y + window, x : x + window] for y, x in chunk]) if fg is not None else None
         parts.append(encoder(crops, masks)[1].float().numpy())
     return np.concatenate(parts).astype(np.float32)
+
+
+def local_maps(encoder: EncoderLike, pixels: torch.Tensor, precision: torch.dtype | None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, h, w) float32 local maps; the conv trunk under autocast to ``precision``
+    (e.g. torch.bfloat16) when given, the result back in float32 for pooling and the head."""
+    if precision is None:
+        return encoder.local_map(pixels)
+    with torch.autocast(device_type=pixels.device.type, dtype=precision):
+        return encoder.local_map(pixels).float()
+
+
+@torch.inference_mode()
+def embed_batch(
+    encoder: EncoderLike,
+    pixels: torch.Tensor,
+    corners: list[np.ndarray],
+    window: int,
+    masks: torch.Tensor | None = None,
+    precision: torch.dtype | None = None,
+    chunk: int = 4096,
+) -> list[np.ndarray]:
+    """Shared-map embedding of B fields of one shape in one forward pass per map group (GPU batches).
+
+    pixels (B, C, Y, X) float32 normalised on the encoder's device, corners: per field (n_b, 2) as
+    (y, x)[, masks (B, Y, X) foreground] -> per field (n_b, G) float32. Groups of aligned windows
+    (:func:`map_groups`) are taken over all fields' corners together, so each group's map is computed
+    for the whole batch at once; each window is cut from its own field's map, as in ``embed_shared``.
+    """
+    m = encoder.local_size(window)
+    every = np.concatenate([np.asarray(c, np.int64).reshape(-1, 2) for c in corners])
+    owner = np.repeat(np.arange(len(corners)), [len(c) for c in corners])
+    out: np.ndarray | None = None
+    for group in map_groups(every, window, encoder.stride):
+        y0, x0, y1, x1 = group.box
+        tiles = local_maps(encoder, pixels[:, :, y0:y1, x0:x1], precision).unfold(2, m, 1).unfold(3, m, 1)
+        shares = None  # (B, h', w', m, m) foreground share of each window's positions
+        if masks is not None:
+            shares = encoder.pool_mask(masks[:, y0:y1, x0:x1]).unfold(1, m, 1).unfold(2, m, 1)
+        for start in range(0, len(group.rows), chunk):
+            rows, cells = group.rows[start : start + chunk], group.cells[start : start + chunk]
+            b, r, c = (torch.as_tensor(v, device=pixels.device) for v in (owner[rows], cells[:, 0], cells[:, 1]))
+            cut = tiles[b, :, r, c]  # (n, L, m, m)
+            vectors = encoder.global_from_local(cut, None if shares is None else shares[b, r, c]).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(every), vectors.shape[1]), np.float32)
+            out[rows] = vectors
+    if out is None:
+        width = _global_dim(encoder, pixels.shape[1], window, pixels.device)
+        return [np.zeros((0, width), np.float32) for _ in corners]
+    return np.split(out, np.cumsum([len(c) for c in corners])[:-1])
 
 
 def _numel(value: object) -> int:

@@ -8,23 +8,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dask
+import torch
 from distributed import Client, LocalCluster, as_completed
 
 from cellmi.errors import InfrastructureError, UserError, first_line, is_infrastructure
-from cellmi.infer.task import InferJob, run_task
+from cellmi.infer.task import InferJob, cores, run_task
 from cellmi.log import log, progress
 from cellmi.settings import InferSettings, TimeoutSettings
 from cellmi.watchdog import dask_config, mark_progress, waiting
 
-__all__ = ["compute_parts", "dask_client", "scheduler_address"]
-
-
-def _cores() -> int:
-    """CPU cores this process may use (a container's CPU set, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+__all__ = ["compute_parts", "dask_client", "gpu_workers", "scheduler_address"]
 
 
 def scheduler_address(settings: InferSettings) -> str | None:
@@ -76,7 +69,9 @@ def _connect(address: str, timeout_s: float) -> Client:
 
 
 def _local_cluster(settings: InferSettings) -> tuple[LocalCluster, Client]:
-    workers = settings.workers or _cores()
+    gpu = settings.device == "auto" and torch.cuda.is_available()
+    # with a GPU, one worker feeds it (preparing fields on prep_threads threads); else one per core
+    workers = 1 if gpu else settings.workers or cores()
     # A worker that dies mid-task counts against allowed-failures, not the task's retries.
     with dask.config.set({"distributed.scheduler.allowed-failures": max(settings.retries, 1)}):
         cluster = LocalCluster(
@@ -84,19 +79,28 @@ def _local_cluster(settings: InferSettings) -> tuple[LocalCluster, Client]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0",
+            resources={"GPU": 1} if gpu else None,
             # A failed task is reported once, in one line, by compute_parts; the workers' own
             # "Compute Failed" records (a traceback each, per retry) only at --log_level DEBUG.
             silence_logs=logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL,
         )
-    log.info("started a local Dask cluster: %d worker processes x 1 thread", workers)
+    where = " with the GPU" if gpu else ""
+    log.info("started a local Dask cluster: %d worker process(es) x 1 thread%s", workers, where)
     return cluster, Client(cluster)
+
+
+def gpu_workers(client: Client) -> int:
+    """Workers that offer a ``GPU`` resource (``dask worker --resources GPU=1``)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return sum(1 for w in workers if (w.get("resources") or {}).get("GPU", 0) >= 1)
 
 
 def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, str]]], retries: int) -> int:
     """Run one task per group of fields with a progress bar; returns the fields computed.
 
-    Every task runs to the end even when some fail, so a re-run only has the failed fields left.
-    A field done is progress for the watchdog; a failed task is not.
+    Batched tasks (``job.batched``) need a worker's ``GPU`` resource. Every task runs to the end even
+    when some fail, so a re-run only has the failed fields left. A field done is progress for the
+    watchdog; a failed task is not.
     """
     futures = {
         client.submit(
@@ -106,6 +110,7 @@ def compute_parts(client: Client, job: InferJob, groups: list[list[tuple[str, st
             key=f"infer-{group[0][0]}_{group[0][1]}-{job.run_id}",
             pure=False,
             retries=retries,
+            resources={"GPU": 1} if job.batched else None,
         ): group
         for group in groups
     }

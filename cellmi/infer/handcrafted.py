@@ -83,18 +83,23 @@ def _fg_mean(norm: np.ndarray, mask: np.ndarray, corners: np.ndarray, window: in
 def _percentiles(raw: np.ndarray, norm: np.ndarray, corners: np.ndarray, window: int) -> np.ndarray:
     """(n, C, 2, len(PERCENTILES)): order statistics (numpy's method "lower") of raw and normalised pixels.
 
-    The normalisation is monotone per channel, so the positions of the raw order statistics are
-    also those of the normalised ones: one partition per window serves both.
+    The normalisation is a monotone function of each pixel's raw value per channel, so a raw order
+    statistic's normalised value is that of any pixel with the same raw value (a lookup table).
+    ``np.partition`` (unlike ``argpartition``) lets other threads run: fields are prepared on
+    several threads in a GPU task.
     """
     c, n_px = raw.shape[0], window * window
     kth = [int(q / 100 * (n_px - 1)) for q in PERCENTILES]
+    windows = np.stack([raw[:, y : y + window, x : x + window].reshape(c, -1) for y, x in corners])
+    raw_stats = np.partition(windows, kth, axis=2)[:, :, kth]  # (n, C, len(PERCENTILES))
+    lookup = np.zeros((c, int(raw.max()) + 1), np.float32)
+    for channel in range(c):
+        lookup[channel, raw[channel].ravel()] = norm[channel].ravel()
+        if not np.array_equal(lookup[channel, raw[channel]], norm[channel]):
+            raise ValueError("normalised pixels are not a function of the raw ones (per channel)")
     out = np.zeros((len(corners), c, 2, len(PERCENTILES)))
-    for i, (y, x) in enumerate(corners):
-        win_raw = raw[:, y : y + window, x : x + window].reshape(c, -1)
-        win_norm = norm[:, y : y + window, x : x + window].reshape(c, -1)
-        idx = np.argpartition(win_raw, kth, axis=1)[:, kth]
-        out[i, :, 0] = np.take_along_axis(win_raw, idx, axis=1)
-        out[i, :, 1] = np.take_along_axis(win_norm, idx, axis=1)
+    out[:, :, 0] = raw_stats
+    out[:, :, 1] = lookup[np.arange(c)[None, :, None], raw_stats]
     return out
 
 

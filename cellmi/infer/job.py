@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from cellmi import __version__
 from cellmi.errors import UserError
 from cellmi.infer.embed import activation_bytes
-from cellmi.infer.fanout import compute_parts, dask_client
+from cellmi.infer.fanout import compute_parts, dask_client, gpu_workers
 from cellmi.infer.handcrafted import feature_names
 from cellmi.infer.parts import PARTS_NAME, FieldResult, done_names, prepare_parts, read_parts
 from cellmi.infer.task import InferJob, embed_field, load_models
@@ -197,6 +197,8 @@ def make_plan(settings: Settings) -> Plan:
         baseline_seed=infer.baseline_seed,
         run_id=uuid.uuid4().hex[:12],
         s3=s3_limits(),
+        precision=infer.precision,
+        prep_threads=infer.prep_threads,
     )
     attrs = {
         "window": window,
@@ -236,6 +238,7 @@ def run_key(plan: Plan) -> str:
             "min_foreground": job.min_foreground,
             "keep_background": job.keep_background,
             "baseline_seed": job.baseline_seed,
+            "precision": job.precision,  # of batched tasks on a GPU (a run may mix GPU and CPU parts)
             "version": __version__,
         }
     )
@@ -272,10 +275,35 @@ def assemble(plan: Plan, results: dict[str, FieldResult]) -> Representations:
         for k in ("dim", "random", "handcrafted")
     }
     order = sort_order(table)
-    reps = Representations(
-        table.iloc[order].reset_index(drop=True), {k: v[order] for k, v in features.items()}, dict(plan.attrs)
-    )
-    return reps
+    attrs = dict(plan.attrs, focus=focus_table(parts))
+    return Representations(table.iloc[order].reset_index(drop=True), {k: v[order] for k, v in features.items()}, attrs)
+
+
+def focus_table(parts: list[FieldResult]) -> dict[str, dict[str, float | None]]:
+    """{sample: {field: focus score}} of the fields (None where not measured: no foreground)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for part in parts:
+        out.setdefault(part.sample, {})[part.field] = None if np.isnan(part.focus) else float(part.focus)
+    return out
+
+
+# Fields per CPU task when fields_per_task is 0 (auto): few enough that every worker gets at least
+# TASKS_PER_WORKER tasks (balance), many enough to share a task's fixed costs (scheduling, one part write).
+TASKS_PER_WORKER, MAX_FIELDS_PER_TASK = 4, 8
+
+
+def task_shape(settings: Settings, job: InferJob, client: Any, fields: int) -> tuple[InferJob, int]:
+    """Batched tasks of ``gpu_fields`` fields when workers offer a GPU (and the device is auto), else
+    CPU tasks of ``fields_per_task`` (0: auto); returns the job the tasks carry and the fields per task."""
+    infer = settings.infer
+    gpus = gpu_workers(client) if infer.device == "auto" else 0
+    if gpus:
+        log.info("infer: %d GPU worker(s); batches of %d fields, %s", gpus, infer.gpu_fields, infer.precision)
+        return replace(job, batched=True), infer.gpu_fields
+    if infer.fields_per_task:
+        return job, infer.fields_per_task
+    workers = max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+    return job, max(1, min(MAX_FIELDS_PER_TASK, fields // (TASKS_PER_WORKER * workers)))
 
 
 def _groups(fields: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
@@ -308,9 +336,8 @@ def run_inference(settings: Settings) -> InferOutcome:
     computed = 0
     if todo:
         with dask_client(settings.infer, settings.timeouts) as client:
-            computed = compute_parts(
-                client, job, _groups(todo, settings.infer.fields_per_task), settings.infer.retries
-            )
+            job, size = task_shape(settings, job, client, len(todo))
+            computed = compute_parts(client, job, _groups(todo, size), settings.infer.retries)
     reps = assemble(plan, read_parts(job.parts, [image_name(s, f) for s, f in plan.fields]))
     if len(reps.table) == 0:
         raise UserError(

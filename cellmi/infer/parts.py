@@ -1,15 +1,19 @@
-"""Per-field results of a run in progress, one part per field, so that retries and re-runs are safe.
+"""Per-field results of a run in progress, written a task at a time, so that retries and re-runs are safe.
 
 ``{workdir}/representations.parts/`` (local or S3)::
 
     manifest.json                 {"key": digest of everything that decides the vectors}
-    {sample}_{field}.{token}.npz  one attempt's arrays (a killed or retried attempt leaves its own)
-    {sample}_{field}.done         written last: names the one attempt file that counts, its sha256
+    {sample}_{field}.{token}.npz  one attempt's arrays, for the fields of one task (named after its
+                                  first field; a killed or retried attempt leaves its own)
+    {sample}_{field}.done         one per field, written after the attempt file: names the attempt
+                                  file that counts, the field's place in it and the file's sha256
 
 A field is done when its ``.done`` marker exists; only the attempt that the marker names is read,
-so a worker killed mid-write, a retry or a late duplicate never adds or loses rows. The folder
-lives beside ``representations.zarr`` (not inside it) so that replacing an incomplete output
-does not throw the finished fields away; it is removed once the final store is complete.
+so a worker killed mid-write, a retry or a late duplicate never adds or loses rows. A task writes
+one file for all its fields and their markers together (one round of concurrent PUTs on S3), not
+two files a field. The folder lives beside ``representations.zarr`` (not inside it) so that
+replacing an incomplete output does not throw the finished fields away; it is removed once the
+final store is complete.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cellmi.errors import UserError
-from cellmi.store import exists, filesystem, image_name, join, read_bytes, remove, write_bytes_atomic
+from cellmi.store import exists, filesystem, image_name, is_s3, join, read_bytes, remove, write_bytes_atomic
 from cellmi.watchdog import waiting
 
-__all__ = ["FieldResult", "done_names", "prepare_parts", "read_parts", "write_part"]
+__all__ = ["FieldResult", "done_names", "pack", "prepare_parts", "read_parts", "unpack", "write_part", "write_parts"]
 
 PARTS_NAME = "representations.parts"
 MANIFEST = "manifest.json"
@@ -37,7 +41,7 @@ MANIFEST = "manifest.json"
 @dataclass
 class FieldResult:
     """The kept windows of one field: corners (n,) y and x, (n,) fg fraction and background flag,
-    and feature matrices (n, D) by feature-set name."""
+    feature matrices (n, D) by feature-set name, and the field's focus score (NaN: not measured)."""
 
     sample: str
     field: str
@@ -46,39 +50,63 @@ class FieldResult:
     fg_fraction: np.ndarray
     background: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    focus: float = float("nan")
 
     @property
     def name(self) -> str:
         return image_name(self.sample, self.field)
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        arrays = {f"feature_{k}": v for k, v in self.features.items()}
-        np.savez(
-            buffer,
-            sample=np.array(self.sample),
-            field=np.array(self.field),
-            y=self.y,
-            x=self.x,
-            fg_fraction=self.fg_fraction,
-            background=self.background,
-            **arrays,
-        )
-        return buffer.getvalue()
+        return pack([self])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FieldResult:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            features = {k.removeprefix("feature_"): npz[k] for k in npz.files if k.startswith("feature_")}
-            return cls(
-                str(npz["sample"]),
-                str(npz["field"]),
-                npz["y"],
-                npz["x"],
-                npz["fg_fraction"],
-                npz["background"],
-                features,
+        return unpack(data)[0]
+
+
+def pack(results: list[FieldResult]) -> bytes:
+    """Several fields in one npz: their rows concatenated, ``offsets`` (n + 1,) marking each field's."""
+    buffer = io.BytesIO()
+    names = sorted(results[0].features) if results else []
+    np.savez(
+        buffer,
+        sample=np.array([r.sample for r in results]),
+        field=np.array([r.field for r in results]),
+        focus=np.array([r.focus for r in results], np.float64),
+        offsets=np.cumsum([0] + [len(r.y) for r in results]),
+        y=np.concatenate([r.y for r in results]),
+        x=np.concatenate([r.x for r in results]),
+        fg_fraction=np.concatenate([r.fg_fraction for r in results]),
+        background=np.concatenate([r.background for r in results]),
+        **{f"feature_{k}": np.concatenate([r.features[k] for r in results]) for k in names},
+    )
+    return buffer.getvalue()
+
+
+def unpack(data: bytes) -> list[FieldResult]:
+    """The fields of an npz written by :func:`pack` (or one field of the earlier one-field layout)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if "offsets" not in arrays:  # one field a file, no offsets
+        arrays = {**arrays, "offsets": np.array([0, len(arrays["y"])]), "focus": np.array([np.nan])}
+        arrays.update(sample=arrays["sample"].reshape(1), field=arrays["field"].reshape(1))
+    names = [k for k in arrays if k.startswith("feature_")]
+    out = []
+    for i, (start, stop) in enumerate(zip(arrays["offsets"][:-1], arrays["offsets"][1:], strict=True)):
+        rows = slice(int(start), int(stop))
+        out.append(
+            FieldResult(
+                str(arrays["sample"][i]),
+                str(arrays["field"][i]),
+                arrays["y"][rows],
+                arrays["x"][rows],
+                arrays["fg_fraction"][rows],
+                arrays["background"][rows],
+                {k.removeprefix("feature_"): arrays[k][rows] for k in names},
+                float(arrays["focus"][i]),
             )
+        )
+    return out
 
 
 def prepare_parts(url: str, key: str, fresh: bool = False) -> None:
@@ -90,29 +118,54 @@ def prepare_parts(url: str, key: str, fresh: bool = False) -> None:
     write_bytes_atomic(manifest, json.dumps({"key": key}).encode())
 
 
-def done_names(url: str) -> set[str]:
-    """Names ``{sample}_{field}`` of the fields whose done marker exists."""
+def done_names(url: str, names: list[str] | None = None) -> set[str]:
+    """Names ``{sample}_{field}`` of the fields whose done marker exists (of ``names`` only, when given:
+    one batched read instead of a listing of the whole folder)."""
     fs, path = filesystem(url)
     with waiting(url):
+        if names is not None:
+            found = fs.cat([f"{path}/{n}.done" for n in names], on_error="omit") if names else {}
+            return {os.path.basename(p)[: -len(".done")] for p in found}
         if not fs.exists(path):
             return set()
         return {os.path.basename(p)[: -len(".done")] for p in fs.glob(f"{path}/*.done")}
 
 
-def write_part(url: str, result: FieldResult, run_id: str) -> None:
-    """Write one attempt's arrays, then the done marker that names them."""
-    data = result.to_bytes()
-    attempt = f"{result.name}.{uuid.uuid4().hex[:12]}.npz"
+def write_parts(url: str, results: list[FieldResult], run_id: str) -> None:
+    """Write one task's fields: one attempt file holding them all, then every field's done marker."""
+    if not results:
+        return
+    data = pack(results)
+    attempt = f"{results[0].name}.{uuid.uuid4().hex[:12]}.npz"
     write_bytes_atomic(join(url, attempt), data)
-    marker = {
-        "file": attempt,
-        "rows": len(result.y),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "run": run_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+    digest = hashlib.sha256(data).hexdigest()
+    host, pid = socket.gethostname(), os.getpid()
+    markers = {
+        join(url, f"{r.name}.done"): json.dumps(
+            {"file": attempt, "index": i, "rows": len(r.y), "sha256": digest, "run": run_id, "host": host, "pid": pid}
+        ).encode()
+        for i, r in enumerate(results)
     }
-    write_bytes_atomic(join(url, f"{result.name}.done"), json.dumps(marker).encode())
+    write_files(markers)
+
+
+def write_part(url: str, result: FieldResult, run_id: str) -> None:
+    """One field as a task of its own (see :func:`write_parts`)."""
+    write_parts(url, [result], run_id)
+
+
+def write_files(files: dict[str, bytes]) -> None:
+    """Small whole files, each atomically: one after another locally, as concurrent PUTs on S3."""
+    first = next(iter(files), None)
+    if first is None:
+        return
+    if not is_s3(first):
+        for target, data in files.items():
+            write_bytes_atomic(target, data)
+        return
+    fs, _ = filesystem(first)
+    with waiting(first):
+        fs.pipe({filesystem(target)[1]: data for target, data in files.items()})
 
 
 def _cat(url: str, names: list[str]) -> dict[str, bytes]:
@@ -133,14 +186,15 @@ def read_markers(url: str, names: list[str]) -> dict[str, dict]:
 def read_parts(url: str, names: list[str]) -> dict[str, FieldResult]:
     """The results of these done fields; a part that does not match its marker is an error."""
     markers = read_markers(url, names)
-    data = _cat(url, [m["file"] for m in markers.values()])
-    out = {}
-    for name, marker in markers.items():
-        blob = data[marker["file"]]
-        if hashlib.sha256(blob).hexdigest() != marker["sha256"]:
+    files = sorted({m["file"] for m in markers.values()})
+    data = _cat(url, files)
+    unpacked = {}
+    for name in files:
+        blob = data[name]
+        digest = hashlib.sha256(blob).hexdigest()
+        if any(m["file"] == name and m["sha256"] != digest for m in markers.values()):
             raise UserError(
-                f"{join(url, marker['file'])}: part does not match its done marker; "
-                "delete the marker to recompute the field"
+                f"{join(url, name)}: part does not match its done marker; delete the marker to recompute the field"
             )
-        out[name] = FieldResult.from_bytes(blob)
-    return out
+        unpacked[name] = unpack(blob)
+    return {n: unpacked[m["file"]][m.get("index", 0)] for n, m in markers.items()}

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from cellmi.analyze.focus import focus_score, sharp_fields
+from cellmi.analyze.focus import field_focus, focus_score, sharp_fields
+from cellmi.analyze.job import fields_focus
 from cellmi.data.masks import foreground_mask
 from cellmi.data.synth import synth_field
+from cellmi.settings import ClusterSettings
+from cellmi.store import join, open_store
+
+from .conftest import make_reps, make_store
 
 
 def _log_dna(pixels: np.ndarray) -> np.ndarray:
@@ -39,3 +44,20 @@ def test_sharp_fields_off_too_few_and_missing_scores():
     np.testing.assert_array_equal(sharp_fields(scores, 0.67, least=2), [True, True, False, True])
     assert sharp_fields(scores, 0.0, least=2).all()
     assert sharp_fields(scores, 0.67, least=4).all()  # only 3 sharp: fit on all
+
+
+def test_the_cluster_job_takes_the_focus_inference_measured(tmp_path):
+    """Scores in the representations are used as they are (no image read: the store may be gone);
+    representations without a score for every field fall back to reading the store."""
+    store_url = join(str(tmp_path), "store.zarr")
+    make_store(store_url)
+    reps = make_reps(store_url)
+    pairs = reps.table[["sample", "field"]].drop_duplicates().itertuples(index=False, name=None)
+    from_store = field_focus(open_store(store_url), list(pairs))
+    measured = {s: {f: 0.5 + i / 100 for i, (s2, f) in enumerate(from_store) if s2 == s} for s, _ in from_store}
+    reps.attrs.update(focus=measured, store=join(str(tmp_path), "gone.zarr"))
+    got = fields_focus(reps, ClusterSettings())
+    assert got == {(s, f): v for s, fields in measured.items() for f, v in fields.items()}
+    reps.attrs["store"] = store_url
+    del measured["S00"]["1"]
+    assert fields_focus(reps, ClusterSettings()) == from_store

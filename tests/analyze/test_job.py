@@ -155,6 +155,21 @@ def test_metrics_structure_and_dim_beats_both_baselines(analysed):
     assert metrics["n_clusters"] == 3 and "cluster dim" in metrics["timings_s"]
 
 
+def test_baselines_in_a_second_process_give_the_same_results(tmp_path, workdir, analysed):
+    """baselines_apart_above=0 forces the second process even for the fixture's few windows."""
+    import shutil
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(join(workdir, "representations.zarr"), join(copy, "representations.zarr"))
+    assert cli_main(["cluster", "--workdir", copy, "--cluster.baselines_apart_above", "0"]) == 0
+    apart, here = (json.loads(read_bytes(join(d, "metrics.json"))) for d in (join(copy, "analysis"), analysed))
+    assert "cluster random (apart)" in apart["timings_s"] and "cluster random" not in apart["timings_s"]
+    for name in ("dim", "random", "handcrafted"):
+        assert apart[name] == here[name], name
+    tables = [pd.read_parquet(join(d, "clusters_windows.parquet")) for d in (join(copy, "analysis"), analysed)]
+    pd.testing.assert_frame_equal(*tables)
+
+
 def test_apply_to_assigns_the_same_clusters_to_the_same_data(workdir, analysed):
     url = join(workdir, "representations.zarr")
     assert cli_main(["cluster", "--workdir", workdir, "--cluster.apply_to", url]) == 0

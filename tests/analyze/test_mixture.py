@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from cellmi.analyze.job import fields_per_sample, fit_field_clusters
+from cellmi.analyze.job import PROFILE_NEIGHBORS_MAX, fields_per_sample, fit_field_clusters
 from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
+    CONSENSUS_ITEMS,
     RankScaler,
     align_labels,
     assign_profiles,
@@ -17,6 +18,7 @@ from cellmi.analyze.profiles import (
     field_profiles,
     fit_profiles,
     relabel,
+    weighted_average_linkage,
 )
 from cellmi.errors import UserError
 from cellmi.settings import ClusterSettings
@@ -139,11 +141,45 @@ def test_consensus_keeps_what_most_labelings_agree_on():
     assert pd.crosstab(found, majority).to_numpy().max(axis=0).sum() == 6
 
 
+def test_consensus_of_many_fields_links_groups_of_alike_fields():
+    """Above CONSENSUS_ITEMS fields the linkage starts from groups of fields every labeling treats
+    alike; the majority still wins, and the few odd fields join their majority's group."""
+    rng = np.random.default_rng(0)
+    majority = rng.integers(0, 4, CONSENSUS_ITEMS + 500)
+    runs = []
+    for run in range(3):
+        labels = majority.copy()
+        odd = np.arange(len(labels)) % 20 == run  # each run errs on 5 % of the fields, other ones
+        labels[odd] = (labels[odd] + 1) % 4
+        runs.append(np.random.default_rng(run).permutation(4)[labels])  # ids need not agree
+    found = consensus(runs, 4)
+    assert pd.crosstab(found, majority).to_numpy().max(axis=0).sum() == len(majority)
+
+
+def test_weighted_average_linkage_equals_average_linkage_of_the_items():
+    """A group of n items counts as n items: the same clusters as scipy's average linkage on them."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        groups, k = int(rng.integers(5, 25)), int(rng.integers(2, 5))
+        points, sizes = rng.normal(size=(groups, 3)), rng.integers(1, 5, groups)
+        dist = np.linalg.norm(points[:, None] - points[None], axis=2)
+        items = np.repeat(np.arange(groups), sizes)
+        expected = fcluster(linkage(squareform(dist[items][:, items], checks=False), "average"), k, "maxclust")
+        found = weighted_average_linkage(dist, sizes, k)[items]
+        assert pd.crosstab(found, expected).to_numpy().max(axis=0).sum() == len(items)
+        assert len(np.unique(found)) == k
+
+
 def test_fields_per_sample_and_which_fields_fit_the_clusters():
     x, truth = _outlying_field_set()
     fields = pd.DataFrame({"sample": [f"s{t}" for t in truth], "field": [str(i % 4) for i in range(20)]})
     assert fields_per_sample(fields) == 4
     assert fields_per_sample(fields.iloc[::4]) == 2  # one field a sample: never below 2
+    many = pd.DataFrame({"sample": np.repeat(["a", "b"], 400), "field": np.arange(800).astype(str)})
+    assert fields_per_sample(many) == PROFILE_NEIGHBORS_MAX  # a big screen's graph stays cheap to cut
     focus = {(s, f): 1.0 for s, f in zip(fields["sample"], fields["field"], strict=True)}
     focus[("s2", "0")] = 0.1  # the outlying field is also the blurred one
     for fit_blurred, fitted in ((True, 20), (False, 19)):

@@ -342,6 +342,9 @@ def test_gpu_overlay_asks_for_gpus(rendered):
     limits = train["containers"][0]["resources"]["limits"]
     daskjob = one(docs, "DaskJob", "cellmi-infer")["spec"]["cluster"]["spec"]["worker"]["spec"]
     config = one(docs, "ConfigMap", "cellmi-config")["data"]
+    plain = one(docs, "Deployment", "cellmi-dask-worker")["spec"]["template"]["spec"]
+    workers = [daskjob["containers"][0], plain["containers"][0]]
+    offers = [" ".join(w["args"]).find("--resources GPU=1") >= 0 for w in workers]
     if overlay == "gpu":
         assert (
             limits["nvidia.com/gpu"] == "1"
@@ -349,8 +352,13 @@ def test_gpu_overlay_asks_for_gpus(rendered):
         )
         assert config["CELLMI_TRAIN__DEVICE"] == "cuda"
         assert train["tolerations"][0]["key"] == "nvidia.com/gpu"
+        # Dask workers offer the GPU, so `cellmi infer` sends them batches, prepared on their CPUs
+        assert all(offers) and all(w["resources"]["limits"]["nvidia.com/gpu"] == "1" for w in workers)
+        assert plain["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert int(config["CELLMI_INFER__PREP_THREADS"]) == int(workers[0]["resources"]["limits"]["cpu"])
     else:
         assert "nvidia.com/gpu" not in limits and "CELLMI_TRAIN__DEVICE" not in config
+        assert not any(offers)
 
 
 def test_images_and_commands_are_what_the_image_provides(rendered):

@@ -201,6 +201,7 @@ def test_infer_script_wires_dask_slurm_to_cellmi_infer(slurm):
         "WORKERS": "1",
         "WORKER_CORES": "1",
         "WORKER_MEMORY": "2GB",
+        "WORKER_GPUS": "1",
         "ENV_FILE": "jobs/env/default.env",
         "STUB_APPTAINER_FAIL": "infer",
     }
@@ -209,6 +210,9 @@ def test_infer_script_wires_dask_slurm_to_cellmi_infer(slurm):
     driver = [c for c in slurm.calls("apptainer") if c["args"][-2:] == ["cellmi", "infer"]]
     assert driver, out
     assert driver[0]["env"]["DASK_SCHEDULER_ADDRESS"].startswith("tcp://")
+    # WORKER_GPUS: each worker job asks SLURM for a GPU and its worker offers the Dask resource GPU
+    worker = [c for c in slurm.calls("apptainer") if "distributed.cli.dask_worker" in c["args"]]
+    assert worker and "--resources GPU=1" in " ".join(worker[0]["args"]) and "--nv" in worker[0]["args"]
 
 
 # ---------------------------------------------------------------- exit status 75: requeue

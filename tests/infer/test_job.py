@@ -14,8 +14,9 @@ import torch
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from cellmi.analyze.focus import field_focus
 from cellmi.errors import InfrastructureError, UserError
-from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key
+from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key, task_shape
 from cellmi.infer.parts import PARTS_NAME, FieldResult, prepare_parts, write_part
 from cellmi.infer.windows import foreground_fraction, window_grid
 from cellmi.representations import load_representations, read_parquet
@@ -113,6 +114,9 @@ def test_dask_result_equals_in_process_result(tmp_path):
     assert attrs["phenotypes"]["S01"] == "pheno1" and attrs["settings"]["infer"]["workers"] == 2
     assert len(attrs["handcrafted_names"]) == got.features["handcrafted"].shape[1] == 13 * len(CHANNELS) + 1
     assert got.features["dim"].shape[1] == 6 and not np.allclose(got.features["dim"], got.features["random"])
+    store = open_store(join(workdir, "store.zarr"))  # each field's focus score, as the cluster job measured it
+    focus = {(s, f): v for s, fields in attrs["focus"].items() for f, v in fields.items()}
+    assert focus == pytest.approx(field_focus(store, store.meta.images())) and len(focus) == SAMPLES * FIELDS
     frame = read_parquet(join(workdir, "representations.parquet"))
     assert frame["Metadata_sample"].tolist() == got.table["sample"].tolist()
     assert {"Metadata_fg_fraction", "Metadata_split", "Metadata_phenotype"} <= set(frame.columns)
@@ -123,6 +127,42 @@ def test_dask_result_equals_in_process_result(tmp_path):
     with pytest.raises(UserError, match="not a multiple of the encoder stride"):
         run_inference(settings_for(workdir, force=True, window=50))
     assert len(load_representations(join(workdir, "representations.zarr")).table) == outcome.windows
+
+
+def test_gpu_workers_get_batches_with_the_same_vectors(tmp_path, caplog):
+    """Workers offering a GPU resource get batched tasks (here without CUDA: the same code in float32
+    on the CPU), with two dihedral views; the vectors equal the one-field-at-a-time path's."""
+    workdir = str(tmp_path / "run")
+    make_run(workdir)
+    _, want = expected(settings_for(workdir, views=2))
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        resources={"GPU": 1},
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as gpu_cluster, caplog.at_level(logging.INFO, logger="cellmi"):
+        settings = settings_for(workdir, views=2, gpu_fields=4, scheduler_address=gpu_cluster.scheduler_address)
+        outcome = run_inference(settings)
+    assert "1 GPU worker(s); batches of 4 fields" in caplog.text
+    assert outcome.computed == SAMPLES * FIELDS
+    got = load_representations(join(workdir, "representations.zarr"))
+    assert_same(got, want)
+    assert_each_field_once(got, settings)
+
+
+def test_cpu_tasks_hold_several_fields_when_there_are_many(tmp_path, cluster):
+    """Auto: each of the 2 workers gets at least 4 tasks, a task at most 8 fields; a set value wins."""
+    workdir = str(tmp_path / "run")
+    make_run(workdir)
+    settings = settings_for(workdir)
+    job = make_plan(settings).job
+    with Client(cluster) as client:
+        sizes = [task_shape(settings, job, client, fields)[1] for fields in (7, 40, 1000)]
+        fixed = task_shape(settings_for(workdir, fields_per_task=3), job, client, 1000)
+    assert sizes == [1, 5, 8]
+    assert fixed == (job, 3) and not fixed[0].batched
 
 
 def test_naive_mode_and_kept_background_in_process(tmp_path):
