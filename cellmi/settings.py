@@ -310,10 +310,17 @@ class TrainSettings(Section):
     )
     seed: int = Field(0, description="Base seed; each process uses seed + rank.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    amp: bool = Field(
+        True,
+        description="bf16 autocast where bf16 is native: CUDA, and CPUs with AMX or AVX-512 BF16 (several times "
+        "faster there); ignored on other CPUs, where it would be emulated.",
+    )
+    channels_last: bool = Field(True, description="channels_last memory format (CUDA and CPU convolutions).")
     threads: int = Field(
-        0, ge=0, description="Torch threads per process; 0 means this machine's cores / processes on it."
+        0,
+        ge=0,
+        description="Torch threads per process; 0: this machine's cores / processes on it, less one for the crop "
+        "thread.",
     )
     loader_threads: int = Field(
         0,
@@ -472,6 +479,12 @@ class ClusterSettings(Section):
         True,
         description="Write analysis/maps.zarr: each clustered field's channels with its window clusters as an NGFF "
         "label image, for napari (a copy of those fields' pixels; false skips it).",
+    )
+    maps_max_fields: int = Field(
+        1000,
+        ge=0,
+        description="Most fields given a cluster map (about 55 ms each): above it, every sample's first fields "
+        "in turn; 0: every field.",
     )
 
     _url = field_validator("apply_to")(check_url)

@@ -545,11 +545,12 @@ def pixel_views(reps: Representations, c: Clustering, cfg: ClusterSettings) -> P
     return PixelViews(views, gallery_figure(images), traits, channels)
 
 
-def cluster_maps(reps: Representations, c: Clustering, out: str) -> str:
+def cluster_maps(reps: Representations, c: Clustering, out: str, max_fields: int) -> str:
     """Write the napari cluster maps of the clustered windows; returns the maps' URL."""
     url = join(out, MAPS)
     windows = reps.table[["sample", "field", "y", "x"]].assign(cluster=c.labels)
-    write_maps(url, open_store(str(reps.attrs["store"])), windows, int(reps.attrs["window"]), c.mixture.n_components)
+    store = open_store(str(reps.attrs["store"]))
+    write_maps(url, store, windows, int(reps.attrs["window"]), c.mixture.n_components, max_fields=max_fields)
     return url
 
 
@@ -768,7 +769,7 @@ def dim_pictures(
             notes.append(f"galleries and traits unavailable: {err}")
     with timed("maps", timings):
         if cfg.maps and pixels is not None:
-            maps = cluster_maps(primary, dim, out)
+            maps = cluster_maps(primary, dim, out, cfg.maps_max_fields)
         else:
             remove(join(out, MAPS))  # maps of an earlier clustering would not match these clusters
     return Pictures(pngs, pixels, maps, notes)

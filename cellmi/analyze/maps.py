@@ -16,6 +16,10 @@ window that covers it and whose centre is nearest (the first such window in tabl
 tie); a pixel that no kept window covers is 0.
 
     napari --plugin napari-ome-zarr {workdir}/analysis/maps.zarr/{sample}_{field}
+
+Each map copies its field's pixels (about 55 ms a field), so a large screen gets maps for at most
+``cluster.maps_max_fields`` fields: every sample's first field, then every sample's second, and so
+on, so that each sample is shown.
 """
 
 from __future__ import annotations
@@ -75,10 +79,28 @@ def label_colours(n_clusters: int) -> tuple[list[dict[str, Any]], list[dict[str,
     return colours, properties
 
 
+def shown_fields(fields: pd.DataFrame, most: int) -> pd.DataFrame:
+    """At most ``most`` (0: all) of the distinct ``sample, field`` rows, taken a field of every sample
+    in turn (each sample's fields in order), in sample, field order."""
+    fields = fields.drop_duplicates().sort_values(["sample", "field"], ignore_index=True)
+    if not most or len(fields) <= most:
+        return fields
+    turn = fields.groupby("sample", sort=False).cumcount()
+    chosen = fields.assign(turn=turn).sort_values(["turn", "sample"], kind="stable").head(most)
+    return chosen.drop(columns="turn").sort_values(["sample", "field"], ignore_index=True)
+
+
 def write_maps(
-    url: str, store: ImageStore, windows: pd.DataFrame, window: int, n_clusters: int, chunk: int = 256
+    url: str,
+    store: ImageStore,
+    windows: pd.DataFrame,
+    window: int,
+    n_clusters: int,
+    chunk: int = 256,
+    max_fields: int = 0,
 ) -> list[str]:
-    """Write ``maps.zarr`` at ``url`` (replacing one there) for every field of ``windows``.
+    """Write ``maps.zarr`` at ``url`` (replacing one there) for the fields of ``windows``, at most
+    ``max_fields`` of them (0: every one; see ``shown_fields``).
 
     ``windows`` has one row per kept window: ``sample, field, y, x, cluster``. Returns the image
     names written (``{sample}_{field}``).
@@ -87,6 +109,10 @@ def write_maps(
     root = zarr.open_group(zarr_store(url), mode="w", zarr_format=3)
     colours, properties = label_colours(n_clusters)
     channel_colours = store.channel_colours()
+    shown = shown_fields(windows[["sample", "field"]], max_fields)
+    if len(shown) < windows.groupby(["sample", "field"]).ngroups:
+        log.info("cluster: maps for %d fields, every sample's first fields (cluster.maps_max_fields)", len(shown))
+    windows = windows.merge(shown, on=["sample", "field"])
     names = []
     for (sample, field), rows in windows.groupby(["sample", "field"], sort=True):
         pixels = store.read_image(str(sample), str(field))

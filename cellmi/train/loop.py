@@ -66,16 +66,16 @@ class MetricsLog:
 
 
 def intra_op_threads(threads: int, dist: DistInfo) -> int:
-    """Torch threads per process: ``threads``, or for 0 this machine's cores shared by the local processes.
+    """Torch threads per process: ``threads``, or for 0 this machine's cores shared by the local
+    processes, less one (at least 1) for the crop thread, whose tensor operations run beside the step.
 
-    No core is kept back for the loader thread: it needs a fraction of one now that batches are
-    batched tensor operations, and on 2 cores the step ran faster on both (benchmarks/bench_train.py,
-    docs/performance.md).
+    On 2 cores, one step thread and the crop thread: 335 crops/s in bf16 against 259 with two step
+    threads (oneDNN's bf16 kernels suffer most from a contended core); float32 221 against 224.
     """
     if threads:
         return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.local_world))
+    return max(1, cores // max(1, dist.local_world) - 1)
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cellmi.errors import UserError
 from cellmi.log import log
 from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator
+from cellmi.precision import memory_format
 from cellmi.settings import Settings, as_dict
 from cellmi.store import StoreMeta
 from cellmi.train.checkpoint import FORMAT, load_checkpoint
@@ -112,8 +113,7 @@ def build_trainer(settings: Settings, in_channels: int, device: torch.device) ->
     global_critic = GlobalCritic(m.local_dim, m.global_dim, m.critic_dim) if cfg.alpha > 0 else None
     local_critic = LocalCritic(m.local_dim, m.global_dim, m.critic_dim)
     net = DIMNet(encoder, local_critic, global_critic, content_size(in_channels)).to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=memory_format(device, cfg.channels_last))
     prior = PriorDiscriminator(m.global_dim).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     prior_optim = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)

@@ -17,6 +17,7 @@ from cellmi.losses import (
     prior_generator_loss,
     prior_weight,
 )
+from cellmi.precision import autocast, memory_format
 from cellmi.settings import TrainSettings
 from cellmi.train.data import Batch
 from cellmi.train.distributed import DistInfo, all_gather_tensor, all_gather_with_grad
@@ -42,12 +43,6 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def _autocast(cfg: TrainSettings, device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda" and cfg.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _gathered(tensor: Tensor, with_grad: bool, gather: bool) -> Tensor:
     if not gather:
         return tensor
@@ -61,8 +56,7 @@ def _inputs(trainer: Trainer, batch: Batch, cfg: TrainSettings, device: torch.de
     of each local position (M, h, w); M = B * N."""
     n = batch.images.shape[1]
     x = batch.images.flatten(0, 1).to(device, non_blocking=True)
-    if device.type == "cuda" and cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=memory_format(device, cfg.channels_last))
     ids = batch.samples.to(device).repeat_interleave(n)
     share = trainer.encoder.pool_mask(batch.masks.flatten(0, 1).to(device))
     return x, ids, share >= cfg.local_foreground, share
@@ -99,7 +93,7 @@ def _prior_samples(
 def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: DistInfo) -> tuple[Tensor, ...]:
     """Encoder + critics: MI terms and the prior's generator term; returns the loss terms and the codes."""
     x, ids, valid, share = _inputs(trainer, batch, cfg, dist.device)
-    with _autocast(cfg, dist.device):
+    with autocast(dist.device, cfg.amp):
         out = trainer.train_net(x, valid, share)
     local, global_ = _mi_terms(out, ids, valid, cfg, cfg.gather_negatives and dist.distributed)
     # always in the graph (weight 0 included), so DDP sees the head used on every step

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
 
-from cellmi.analyze.maps import paint, write_maps
+from cellmi.analyze.maps import paint, shown_fields, write_maps
 from cellmi.colours import GREEN, MAGENTA
-from cellmi.store import join, open_store
+from cellmi.store import join, open_store, zarr_store
 
 from .conftest import SIZE, make_store
 
@@ -69,3 +70,23 @@ def test_maps_read_back_with_ome_zarr(tmp_path):
         np.testing.assert_array_equal(np.asarray(labels["foreground"].data[0]), store.read_mask("S00", field))
         assert labels["clusters"].metadata["properties"] == {k + 1: {"cluster": k} for k in range(3)}
         assert set(labels["clusters"].metadata["color"]) == {1, 2, 3}
+
+
+def test_a_capped_map_set_shows_every_sample_first():
+    fields = pd.DataFrame(
+        [{"sample": s, "field": f} for s in ("A", "B", "C") for f in ("1", "2", "3") for _ in range(2)]
+    )
+    shown = shown_fields(fields, 4)
+    assert list(zip(shown["sample"], shown["field"], strict=True)) == [("A", "1"), ("A", "2"), ("B", "1"), ("C", "1")]
+    assert len(shown_fields(fields, 0)) == len(shown_fields(fields, 9)) == 9
+
+
+def test_write_maps_writes_at_most_the_cap(tmp_path):
+    store_url = str(tmp_path / "store.zarr")
+    make_store(store_url, samples=["S00", "S01"], channels=("GFP", "DNA"), colours=[GREEN, MAGENTA])
+    windows = pd.DataFrame(
+        [{"sample": s, "field": f, "y": 0, "x": 0, "cluster": 1} for s in ("S00", "S01") for f in ("1", "2")]
+    )
+    url = join(str(tmp_path), "maps.zarr")
+    assert write_maps(url, open_store(store_url), windows, 64, 2, max_fields=3) == ["S00_1", "S00_2", "S01_1"]
+    assert zarr.open_group(zarr_store(url), mode="r").attrs["cellmi"]["maps"] == ["S00_1", "S00_2", "S01_1"]
