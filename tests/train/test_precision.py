@@ -1,0 +1,48 @@
+"""Where bf16 autocast and channels_last apply (CUDA and CPUs with native bf16, nowhere else), and the
+default torch threads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from cellmi import precision
+from cellmi.train.distributed import DistInfo
+from cellmi.train.loop import intra_op_threads
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-cpu", "plain-cpu"])
+def native(request, monkeypatch) -> bool:
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: request.param, raising=False)
+    return request.param
+
+
+def test_autocast_only_where_bf16_is_native(native):
+    assert precision.bf16_native(CPU) is native
+    assert precision.bf16_native(torch.device("cuda")) is True
+    with precision.autocast(CPU, True):
+        y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
+    assert y.dtype == (torch.bfloat16 if native else torch.float32)
+    assert isinstance(precision.autocast(CPU, False), contextlib.nullcontext)
+
+
+def test_channels_last_when_asked():
+    assert precision.memory_format(CPU, True) is torch.channels_last
+    assert precision.memory_format(CPU, False) is torch.contiguous_format
+    assert precision.memory_format(torch.device("meta"), True) is torch.contiguous_format
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_world", "expected"), [(2, 1, 1), (16, 1, 15), (16, 4, 3), (1, 1, 1), (2, 2, 1)]
+)
+def test_default_torch_threads_leave_a_core_to_the_crop_thread(monkeypatch, cores, local_world, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    dist = DistInfo(rank=0, world=local_world, local_rank=0, local_world=local_world, device=CPU)
+    assert intra_op_threads(0, dist) == expected
+    assert intra_op_threads(5, dist) == 5
