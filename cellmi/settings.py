@@ -481,7 +481,7 @@ class ClusterSettings(Section):
         "label image, for napari (a copy of those fields' pixels; false skips it).",
     )
     maps_max_fields: int = Field(
-        1000,
+        256,
         ge=0,
         description="Most fields given a cluster map (about 55 ms each): above it, every sample's first fields "
         "in turn; 0: every field.",
