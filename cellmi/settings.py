@@ -250,7 +250,7 @@ class TrainSettings(Section):
 
     steps: int = Field(3000, ge=1, description="Optimisation steps.")
     time_budget_s: float | None = Field(
-        360.0,
+        220.0,
         gt=0,
         description="Stop after this many seconds of training (wall clock of the loop, waits for data included, "
         "checkpoint writes not) even if steps remain (none: no limit).",
