@@ -402,6 +402,7 @@ def make_loaders(store, cfg, crop: int, old, shards, device: torch.device) -> tu
 def input_runs(args) -> list[dict]:
     """Per batch shape, every store's contenders raced against each other (so "500 against 50 fields" is
     measured under the same load as "new against old"); then the sharded loader alone."""
+    from cellmi.hardware import cores
     from cellmi.store import open_store
     from cellmi.train.distributed import DistInfo
     from cellmi.train.loop import intra_op_threads
@@ -413,8 +414,7 @@ def input_runs(args) -> list[dict]:
     if device.type == "cpu":
         stores.update(fields50=field_set("fields50", 10, 5, (384, 512)),
                       fields500=field_set("fields500", 100, 5, (384, 512)))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    old_threads = max(1, cores - 1)  # the old default: a core kept back for the loader thread
+    old_threads = max(1, cores() - 1)  # the old default: a core kept back for the loader thread
     runs = []
     for n, size in itertools.product(args.input_n, args.sizes):
         contenders, alone, loaders = [], [], []

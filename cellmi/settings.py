@@ -312,7 +312,7 @@ class TrainSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     amp: bool = Field(
         True,
-        description="bf16 autocast where bf16 is native: CUDA, and CPUs with AMX or AVX-512 BF16 (several times "
+        description="bf16 autocast where bf16 is native: CUDA, and CPUs with AMX or AVX-512 BF16 (training 1.5x "
         "faster there); ignored on other CPUs, where it would be emulated.",
     )
     channels_last: bool = Field(True, description="channels_last memory format (CUDA and CPU convolutions).")
@@ -459,7 +459,7 @@ class ClusterSettings(Section):
     placement: Literal["knn", "umap"] = Field(
         "knn",
         description="How windows outside the UMAP subsample are placed: knn, the weighted mean of the "
-        "embedding of their nearest fitted windows (how UMAP's transform starts; ~10 s per 10^6 windows); "
+        "embedding of their nearest fitted windows (how UMAP's transform starts; ~30 s per 10^6 windows on 2 cores); "
         "umap, UMAP's transform itself (on Dask above 50,000 windows; ~5 ms a window below 4,096 fitted "
         "windows, where umap-learn compares every pair, ~0.5 ms above).",
     )

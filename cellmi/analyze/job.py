@@ -81,6 +81,7 @@ from cellmi.analyze.profiles import (
 from cellmi.analyze.reduce import CHUNK, Reducer, embed_2d, fit_reducer, place
 from cellmi.analyze.report import ClusterView, ReportData, render_report
 from cellmi.errors import UserError
+from cellmi.hardware import cores
 from cellmi.log import log, setup_logging
 from cellmi.representations import (
     REPR_ZARR,
@@ -267,8 +268,18 @@ def cluster_windows(
         gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
     else:
         gmm, bic = fit_mixture(fit_z, k, cfg.seed), {}
-    z, proba = place(reducer, x, client, placement=cfg.placement, carry=gmm.predict_proba(fit_z))
-    return reducer, gmm, z, gmm.predict_proba(z) if proba is None else proba, bic
+    z, proba = place_clusters(reducer, gmm, x, client, cfg.placement)
+    return reducer, gmm, z, proba, bic
+
+
+def place_clusters(
+    reducer: Reducer, gmm: GaussianMixture, x: np.ndarray, client: Any, placement: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, F) vectors -> (N, D) embedding and (N, K) cluster probabilities: with ``knn`` a placed
+    window votes with its neighbours' probabilities, with ``umap`` the mixture's at its place."""
+    carry = gmm.predict_proba(reducer.fit_embedding) if placement == "knn" else None
+    z, proba = place(reducer, x, client, placement=placement, carry=carry)
+    return z, gmm.predict_proba(z) if proba is None else proba
 
 
 def fit_field_clusters(
@@ -662,8 +673,7 @@ def baseline_process(cfg: ClusterSettings, names: list[str], windows: int, clien
     """A second process for the baselines, while DIM is clustered here: when there are baselines, a
     core for them, enough windows to pay for the process's start (imports and numba compilation),
     a fixed cluster count (by BIC the baselines wait for DIM's) and no Dask placement."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    apart = len(names) > 1 and cores >= 2 and windows >= cfg.baselines_apart_above
+    apart = len(names) > 1 and cores() >= 2 and windows >= cfg.baselines_apart_above
     if not apart or cfg.select != "fixed" or client is not None:
         yield None
         return
@@ -831,10 +841,8 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
             f"{url}: {x.shape[1]}-d vectors, but the saved model was fitted on {bundle['feature_dim']}-d ones"
         )
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
-        reducer, mixture = bundle["reducer"], bundle["mixture"]
-        fitted = mixture.predict_proba(reducer.fit_embedding)
-        z, proba = place(reducer, x, client, placement=settings.cluster.placement, carry=fitted)
-    labels, prob = most_probable(mixture.predict_proba(z) if proba is None else proba)
+        z, proba = place_clusters(bundle["reducer"], bundle["mixture"], x, client, settings.cluster.placement)
+    labels, prob = most_probable(proba)
     fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")

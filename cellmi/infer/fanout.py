@@ -12,7 +12,8 @@ import torch
 from distributed import Client, LocalCluster, as_completed
 
 from cellmi.errors import InfrastructureError, UserError, first_line, is_infrastructure
-from cellmi.infer.task import InferJob, cores, run_task
+from cellmi.hardware import cores
+from cellmi.infer.task import InferJob, run_task
 from cellmi.log import log, progress
 from cellmi.settings import InferSettings, TimeoutSettings
 from cellmi.watchdog import dask_config, mark_progress, waiting

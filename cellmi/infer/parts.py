@@ -32,7 +32,7 @@ from cellmi.errors import UserError
 from cellmi.store import exists, filesystem, image_name, is_s3, join, read_bytes, remove, write_bytes_atomic
 from cellmi.watchdog import waiting
 
-__all__ = ["FieldResult", "done_names", "pack", "prepare_parts", "read_parts", "unpack", "write_part", "write_parts"]
+__all__ = ["FieldResult", "done_names", "pack", "prepare_parts", "read_parts", "unpack", "write_parts"]
 
 PARTS_NAME = "representations.parts"
 MANIFEST = "manifest.json"
@@ -55,13 +55,6 @@ class FieldResult:
     @property
     def name(self) -> str:
         return image_name(self.sample, self.field)
-
-    def to_bytes(self) -> bytes:
-        return pack([self])
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> FieldResult:
-        return unpack(data)[0]
 
 
 def pack(results: list[FieldResult]) -> bytes:
@@ -147,11 +140,6 @@ def write_parts(url: str, results: list[FieldResult], run_id: str) -> None:
         for i, r in enumerate(results)
     }
     write_files(markers)
-
-
-def write_part(url: str, result: FieldResult, run_id: str) -> None:
-    """One field as a task of its own (see :func:`write_parts`)."""
-    write_parts(url, [result], run_id)
 
 
 def write_files(files: dict[str, bytes]) -> None:

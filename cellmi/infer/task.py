@@ -11,7 +11,6 @@ per map group, in bf16 on a GPU (:func:`cellmi.infer.embed.embed_batch`).
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from cellmi.analyze.focus import focus_score
+from cellmi.hardware import cores
 from cellmi.infer.embed import EncoderLike, embed_batch, embed_naive, embed_shared, embed_views, view_of
 from cellmi.infer.handcrafted import window_features
 from cellmi.infer.parts import FieldResult, done_names, write_parts
@@ -30,7 +30,6 @@ __all__ = [
     "InferJob",
     "Models",
     "Prepared",
-    "cores",
     "embed_batched",
     "embed_field",
     "load_models",
@@ -84,14 +83,6 @@ def load_models(checkpoint: str, sha256: str, baseline_seed: int, device: str = 
 def _store(url: str, run_id: str) -> ImageStore:
     """Opened once per run and process; a store re-ingested at the same URL is never served stale."""
     return open_store(url)
-
-
-def cores() -> int:
-    """CPU cores this process may use (a container's CPU set, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @dataclass

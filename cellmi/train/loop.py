@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from cellmi.hardware import cores
 from cellmi.log import log, progress
 from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
@@ -74,8 +74,7 @@ def intra_op_threads(threads: int, dist: DistInfo) -> int:
     """
     if threads:
         return threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, dist.local_world) - 1)
+    return max(1, cores() // max(1, dist.local_world) - 1)
 
 
 @contextmanager

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cellmi.errors import UserError
+from cellmi.hardware import memory_format
 from cellmi.log import log
 from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator
-from cellmi.precision import memory_format
 from cellmi.settings import Settings, as_dict
 from cellmi.store import StoreMeta
 from cellmi.train.checkpoint import FORMAT, load_checkpoint

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cellmi.hardware import autocast, memory_format
 from cellmi.losses import (
     content_loss,
     global_mi_loss,
@@ -17,7 +18,6 @@ from cellmi.losses import (
     prior_generator_loss,
     prior_weight,
 )
-from cellmi.precision import autocast, memory_format
 from cellmi.settings import TrainSettings
 from cellmi.train.data import Batch
 from cellmi.train.distributed import DistInfo, all_gather_tensor, all_gather_with_grad

@@ -17,7 +17,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from cellmi.analyze.focus import field_focus
 from cellmi.errors import InfrastructureError, UserError
 from cellmi.infer.job import assemble, compute_in_process, make_plan, run_inference, run_key, task_shape
-from cellmi.infer.parts import PARTS_NAME, FieldResult, prepare_parts, write_part
+from cellmi.infer.parts import PARTS_NAME, FieldResult, pack, prepare_parts, write_parts
 from cellmi.infer.windows import foreground_fraction, window_grid
 from cellmi.representations import load_representations, read_parquet
 from cellmi.settings import Settings, TimeoutSettings
@@ -226,17 +226,19 @@ def test_rerun_after_a_crash_computes_only_the_missing_fields(tmp_path, cluster)
     for sample, field in done:
         rows = (want.table["sample"] == sample) & (want.table["field"] == field)
         part = want.subset(rows.to_numpy())
-        write_part(
+        write_parts(
             plan.job.parts,
-            FieldResult(
-                sample,
-                field,
-                part.table["y"].to_numpy(),
-                part.table["x"].to_numpy(),
-                part.table["fg_fraction"].to_numpy(),
-                part.table["background"].to_numpy(),
-                {k: np.full_like(v, 42.0) for k, v in part.features.items()},
-            ),
+            [
+                FieldResult(
+                    sample,
+                    field,
+                    part.table["y"].to_numpy(),
+                    part.table["x"].to_numpy(),
+                    part.table["fg_fraction"].to_numpy(),
+                    part.table["background"].to_numpy(),
+                    {k: np.full_like(v, 42.0) for k, v in part.features.items()},
+                )
+            ],
             run_id="crashed",
         )
     stray = FieldResult(
@@ -248,7 +250,7 @@ def test_rerun_after_a_crash_computes_only_the_missing_fields(tmp_path, cluster)
         {k: np.zeros((1, 3), np.float32) for k in want.features},
     )
     with open(os.path.join(plan.job.parts, f"{stray.name}.deadbeef.npz"), "wb") as handle:
-        handle.write(stray.to_bytes())
+        handle.write(pack([stray]))
 
     outcome = run_inference(settings)
     assert (outcome.computed, outcome.reused) == (SAMPLES * FIELDS - 2, 2)
@@ -265,7 +267,7 @@ def test_parts_of_other_settings_are_not_reused(tmp_path, cluster):
     make_run(workdir)
     old = make_plan(settings_for(workdir, stride=16))
     prepare_parts(old.job.parts, run_key(old))
-    write_part(old.job.parts, compute_in_process(old.job, old.fields[:1])[image_name(*old.fields[0])], "old")
+    write_parts(old.job.parts, [compute_in_process(old.job, old.fields[:1])[image_name(*old.fields[0])]], "old")
     outcome = run_inference(settings_for(workdir, scheduler_address=cluster.scheduler_address))
     assert (outcome.computed, outcome.reused) == (SAMPLES * FIELDS, 0)
 

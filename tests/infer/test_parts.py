@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cellmi.errors import UserError
-from cellmi.infer.parts import FieldResult, done_names, read_parts, unpack, write_part, write_parts
+from cellmi.infer.parts import FieldResult, done_names, read_parts, unpack, write_parts
 from cellmi.store import filesystem, join
 
 
@@ -40,7 +40,7 @@ def _same(a: FieldResult, b: FieldResult) -> None:
 def _roundtrip(url: str) -> None:
     results = [_result("S00", "1", 5, 0), _result("S00", "2", 0, 1, float("nan")), _result("S01", "1", 3, 2)]
     write_parts(url, results, run_id="r1")
-    write_part(url, _result("S02", "1", 2, 3), run_id="r1")
+    write_parts(url, [_result("S02", "1", 2, 3)], run_id="r1")
     fs, path = filesystem(url)
     names = sorted(os.path.basename(p) for p in fs.ls(path))
     attempts = [n for n in names if n.endswith(".npz")]  # one file per task (named after its first field)

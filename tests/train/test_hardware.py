@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from cellmi import precision
+from cellmi import hardware
 from cellmi.train.distributed import DistInfo
 from cellmi.train.loop import intra_op_threads
 
@@ -24,18 +24,18 @@ def native(request, monkeypatch) -> bool:
 
 
 def test_autocast_only_where_bf16_is_native(native):
-    assert precision.bf16_native(CPU) is native
-    assert precision.bf16_native(torch.device("cuda")) is True
-    with precision.autocast(CPU, True):
+    assert hardware.bf16_native(CPU) is native
+    assert hardware.bf16_native(torch.device("cuda")) is True
+    with hardware.autocast(CPU, True):
         y = torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3))
     assert y.dtype == (torch.bfloat16 if native else torch.float32)
-    assert isinstance(precision.autocast(CPU, False), contextlib.nullcontext)
+    assert isinstance(hardware.autocast(CPU, False), contextlib.nullcontext)
 
 
 def test_channels_last_when_asked():
-    assert precision.memory_format(CPU, True) is torch.channels_last
-    assert precision.memory_format(CPU, False) is torch.contiguous_format
-    assert precision.memory_format(torch.device("meta"), True) is torch.contiguous_format
+    assert hardware.memory_format(CPU, True) is torch.channels_last
+    assert hardware.memory_format(CPU, False) is torch.contiguous_format
+    assert hardware.memory_format(torch.device("meta"), True) is torch.contiguous_format
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Where bf16 and channels_last pay: CUDA, and CPUs that compute bf16 in hardware.
+"""What this machine offers: the CPU cores a process may use, and where bf16 and channels_last pay
+(CUDA, and CPUs that compute bf16 in hardware).
 
 On a CPU with AMX or AVX-512 BF16, oneDNN runs bf16 convolutions in channels_last layout about
 twice as fast as float32 (`cellmi train` of the default encoder on 2 cores: 335 crops/s against
@@ -8,10 +9,19 @@ twice as fast as float32 (`cellmi train` of the default encoder on 2 cores: 335 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
-__all__ = ["autocast", "bf16_native", "memory_format"]
+__all__ = ["autocast", "bf16_native", "cores", "memory_format"]
+
+
+def cores() -> int:
+    """CPU cores this process may use (a container's CPU set, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def bf16_native(device: torch.device) -> bool:
