@@ -415,6 +415,15 @@ class ClusterSettings(Section):
         "weighted",
         description="Window-to-field aggregation: mean weighted by each window's foreground fraction, mean, or median.",
     )
+    profile_density: float = Field(
+        2.0,
+        ge=0,
+        description="Weight of a field's foreground share (the mean foreground fraction of its windows: how densely "
+        "cells cover it) as one more feature of its profile, in standardised features (2: it counts like 4 of the "
+        "window vectors' features in distances between fields); 0 leaves it out. Window vectors are pooled "
+        "over foreground, so cell density (sparse against confluent colonies) is otherwise nearly invisible to the "
+        "grouping.",
+    )
     profile_dims: int = Field(16, ge=2, description="PCA dimensions of field profiles before clustering.")
     profile_scale: Literal["rank", "standard"] = Field(
         "rank",

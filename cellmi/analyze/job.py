@@ -11,7 +11,7 @@ Reads ``{workdir}/representations.zarr`` and writes ``{workdir}/analysis/`` (loc
                               [Metadata_phenotype], cluster, probability, umap_0.., and the
                               baselines' window clusters cluster_random, cluster_handcrafted
     clusters_images.parquet   one row per field: Metadata_sample, Metadata_field, Metadata_split,
-                              [Metadata_phenotype], n_windows, cluster (the default labels, see
+                              [Metadata_phenotype], n_windows, fg_share, cluster (the default labels, see
                               cluster.image_labels), share (majority share of the window vote),
                               cluster_vote, cluster_profile (aligned to the vote's cluster ids)
     metrics.json              metrics[feature_set][split][score] for feature sets dim, random,
@@ -297,7 +297,8 @@ def fit_field_clusters(
     fit = np.ones(len(fields), bool) if cfg.fit_blurred else sharp
     neighbors = cfg.profile_neighbors or fields_per_sample(fields[fit])
     model, _ = fit_profiles(
-        profiles[fit], k, cfg.profile_dims, cfg.seed, cfg.profile_method, cfg.profile_scale, neighbors
+        profiles[fit], k, cfg.profile_dims, cfg.seed, cfg.profile_method, cfg.profile_scale, neighbors,
+        cfg.profile_density,
     )
     return model, assign_profiles(model, profiles)
 
@@ -312,7 +313,7 @@ def cluster_fields(
     table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus
 ) -> tuple[pd.DataFrame, np.ndarray, ProfileModel]:
     """Vote and profile labels per field; profile ids are aligned to the vote's ids."""
-    fields, profiles = field_profiles(table, x, cfg.aggregate)
+    fields, profiles = field_profiles(table, x, cfg.aggregate, cfg.profile_density > 0)
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
     model, plabels = fit_field_clusters(fields, profiles, cfg, k, focus)
@@ -392,7 +393,7 @@ def profile_split(
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
     if sub.table["sample"].nunique() < 2:
         return None
-    fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate)
+    fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate, cfg.profile_density > 0)
     k = int(fields["sample"].nunique())
     model, labels = fit_field_clusters(fields, profiles, cfg, k, focus)
     fields["cluster_profile"] = labels
@@ -434,11 +435,12 @@ def window_frame(
 
 def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str],
                 fmeta: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
-    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, cluster, share,
-    cluster_vote, cluster_profile."""
+    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, fg_share, cluster,
+    share, cluster_vote, cluster_profile, focus, blurred."""
     data = _meta(fields, phen, ("sample", "field", "split"), fmeta)
     data.update(
         n_windows=fields["n_windows"].to_numpy(),
+        fg_share=fields["fg_share"].to_numpy(),
         cluster=fields[f"cluster_{default}"].to_numpy(),
         share=fields["share"].to_numpy(),
         cluster_vote=fields["cluster_vote"].to_numpy(),
@@ -475,6 +477,7 @@ def model_bundle(c: Clustering, cfg: ClusterSettings) -> dict[str, Any]:
         "mixture": c.mixture,
         "profiles": c.profile_model,
         "aggregate": cfg.aggregate,
+        "profile_density": cfg.profile_density,
         "image_labels": cfg.image_labels,
         "split": cfg.split,
     }
@@ -843,7 +846,7 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
         z, proba = place_clusters(bundle["reducer"], bundle["mixture"], x, client, settings.cluster.placement)
     labels, prob = most_probable(proba)
-    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"])
+    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"], bundle.get("profile_density", 0) > 0)
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")
     fields["cluster_profile"] = assign_profiles(bundle["profiles"], profiles)

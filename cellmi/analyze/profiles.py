@@ -23,13 +23,17 @@ from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 
-def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+def field_profiles(
+    table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Aggregate (N, F) window vectors per field: ``mean``, ``median`` or ``weighted`` (a mean
     weighted by each window's ``fg_fraction``, so windows mostly of background count less).
 
-    ``table`` has one row per window with ``sample``, ``field`` and ``split`` (and ``fg_fraction``
-    for ``weighted``). Returns the fields (one row each, sorted by sample then field: ``sample,
-    field, split, n_windows``) and their profiles (n_fields, F) float32.
+    ``table`` has one row per window with ``sample``, ``field``, ``split`` and ``fg_fraction``.
+    Returns the fields (one row each, sorted by sample then field: ``sample, field, split,
+    n_windows, fg_share``, the last the mean foreground fraction of the field's windows: how
+    densely cells cover it) and their profiles (n_fields, F) float32, or (n_fields, F + 1) with
+    ``density``, the last column then ``fg_share``.
     """
     keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
     codes, uniques = pd.factorize(keys, sort=True)
@@ -43,14 +47,18 @@ def field_profiles(table: pd.DataFrame, x: np.ndarray, how: str = "mean") -> tup
         grouped = pd.DataFrame(values).groupby(codes, sort=True)
         profiles = (grouped.median() if how == "median" else grouped.mean()).to_numpy(np.float32)
     first = pd.Series(np.arange(len(codes))).groupby(codes, sort=True).first().to_numpy()
+    share = pd.Series(table["fg_fraction"].to_numpy(np.float64)).groupby(codes, sort=True).mean().to_numpy()
     fields = pd.DataFrame(
         {
             "sample": table["sample"].to_numpy()[first],
             "field": table["field"].to_numpy()[first],
             "split": table["split"].to_numpy()[first],
             "n_windows": np.bincount(codes, minlength=len(uniques)),
+            "fg_share": share.astype(np.float32),
         }
     )
+    if density:
+        profiles = np.concatenate([profiles, share[:, None].astype(np.float32)], axis=1)
     return fields, profiles
 
 
@@ -88,10 +96,12 @@ class ProfileModel:
     centroids: np.ndarray  # (k, P)
     fit_rows: np.ndarray  # (n_fit, P) float32 reduced profiles of the fitted fields
     fit_labels: np.ndarray  # (n_fit,) their labels
+    weights: np.ndarray | None = None  # (F,) each standardised feature's weight; None: all 1
 
     def scale(self, profiles: np.ndarray) -> np.ndarray:
-        """(M, F) -> (M, F) standardised profiles (the space retrieval metrics use)."""
-        return self.scaler.transform(np.asarray(profiles, np.float32)).astype(np.float32)
+        """(M, F) -> (M, F) standardised (and weighted) profiles (the space retrieval metrics use)."""
+        scaled = self.scaler.transform(np.asarray(profiles, np.float32))
+        return (scaled if self.weights is None else scaled * self.weights).astype(np.float32)
 
     def reduce(self, profiles: np.ndarray) -> np.ndarray:
         """(M, F) -> (M, P) standardised and PCA-reduced profiles (the space that is clustered)."""
@@ -107,24 +117,33 @@ def fit_profiles(
     method: str = "ward",
     scale: str = "standard",
     neighbors: int = 4,
+    density: float = 0.0,
 ) -> tuple[ProfileModel, np.ndarray]:
     """Cluster (M, F) field profiles into at most ``min(k, M)`` groups; returns the model and (M,) labels.
 
-    ``scale`` is ``standard`` (z-scores) or ``rank`` (normal scores of ranks); PCA keeps
+    ``scale`` is ``standard`` (z-scores) or ``rank`` (normal scores of ranks); with ``density`` > 0
+    the last column (the foreground share, see ``field_profiles``) counts that many times one
+    standardised feature (its weight in the distances between fields) and the rest once. PCA keeps
     ``min(dims, M - 1, F)`` components (none when that is below 2). ``method`` is ``ward``,
     ``gmm`` or ``spectral``; ``neighbors`` is the spectral graph's neighbourhood, each field
     included in its own (the consensus of the sizes around it is taken).
     """
     profiles = np.asarray(profiles, np.float32)
     m = len(profiles)
+    weights = None
+    if density > 0:
+        weights = np.ones(profiles.shape[1], np.float32)
+        weights[-1] = density
     scaler = make_scaler(scale).fit(profiles)
     scaled = scaler.transform(profiles)
+    if weights is not None:
+        scaled = scaled * weights
     n_comp = min(dims, m - 1, profiles.shape[1])
     pca = PCA(n_components=n_comp, random_state=seed).fit(scaled) if n_comp >= 2 else None
     rows = (pca.transform(scaled) if pca is not None else scaled).astype(np.float32)
     labels = _cluster_rows(rows, max(1, min(k, m)), seed, method, neighbors)
     centroids = np.stack([rows[labels == c].mean(axis=0) for c in range(labels.max() + 1)])
-    return ProfileModel(scaler, pca, centroids, rows, labels), labels
+    return ProfileModel(scaler, pca, centroids, rows, labels, weights), labels
 
 
 def _cluster_rows(rows: np.ndarray, k: int, seed: int, method: str, neighbors: int) -> np.ndarray:
@@ -249,4 +268,4 @@ def relabel(
     for old, target in mapping.items():
         centroids[target] = model.centroids[old]
     fit_labels = np.array([mapping[int(v)] for v in model.fit_labels], np.int64)
-    return ProfileModel(model.scaler, model.pca, centroids, model.fit_rows, fit_labels), new
+    return ProfileModel(model.scaler, model.pca, centroids, model.fit_rows, fit_labels, model.weights), new

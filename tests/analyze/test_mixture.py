@@ -68,17 +68,45 @@ def test_nearest_to_centre_picks_the_closest_points():
 
 def test_field_profiles_mean_and_median():
     table = pd.DataFrame(
-        {"sample": ["b", "a", "a", "a"], "field": ["1", "2", "2", "2"], "split": ["test"] * 4}
+        {"sample": ["b", "a", "a", "a"], "field": ["1", "2", "2", "2"], "split": ["test"] * 4,
+         "fg_fraction": [0.5, 0.1, 0.3, 0.6]}  # field a: weights 1 : 3 : 6 of 10
     )
     x = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 3.0], [5.0, 6.0]])
     fields, mean = field_profiles(table, x, "mean")
     assert fields[["sample", "field", "n_windows"]].values.tolist() == [["a", "2", 3], ["b", "1", 1]]
+    np.testing.assert_allclose(fields["fg_share"], [1.0 / 3, 0.5], rtol=1e-6)
     np.testing.assert_allclose(mean, [[2.0, 3.0], [1.0, 1.0]])
     _, median = field_profiles(table, x, "median")
     np.testing.assert_allclose(median, [[1.0, 3.0], [1.0, 1.0]])
-    table["fg_fraction"] = [0.5, 0.1, 0.3, 0.6]  # field a: weights 1 : 3 : 6 of 10
     _, weighted = field_profiles(table, x, "weighted")
     np.testing.assert_allclose(weighted, [[3.3, 4.5], [1.0, 1.0]], rtol=1e-6)
+    _, dense = field_profiles(table, x, "weighted", density=True)
+    np.testing.assert_allclose(dense, [[3.3, 4.5, 1.0 / 3], [1.0, 1.0, 0.5]], rtol=1e-6)
+
+
+def _density_pair_set() -> tuple[np.ndarray, np.ndarray]:
+    """6 samples x 4 fields of 12 features plus the foreground share last: samples 0 and 1 have the
+    same vectors (their fields scatter alike) and differ only in how densely cells cover them."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(6, 12)) * 10
+    centres[1] = centres[0]
+    truth = np.repeat(np.arange(6), 4)
+    x = centres[truth] + rng.normal(size=(24, 12))
+    share = np.array([0.25, 0.45, 0.3, 0.35, 0.2, 0.4])[truth] + rng.normal(size=24) * 0.01
+    return np.column_stack([x, share]).astype(np.float32), truth
+
+
+def test_density_weight_tells_apart_samples_that_differ_only_in_density():
+    x, truth = _density_pair_set()
+    pair = truth < 2
+    for profiles, density, apart in ((x[:, :-1], 0.0, False), (x, 2.0, True)):
+        model, labels = fit_profiles(profiles, 6, dims=8, seed=0, method="spectral", scale="rank", neighbors=4,
+                                     density=density)
+        found = pd.crosstab(labels[pair], truth[pair]).to_numpy()
+        assert (found.max(axis=0).sum() == pair.sum() and len(found) == 2) == apart, density
+    scaled = model.scale(x)
+    np.testing.assert_allclose(scaled[:, -1], 2.0 * model.scaler.transform(x)[:, -1], rtol=1e-5)
+    np.testing.assert_allclose(scaled[:, :-1], model.scaler.transform(x)[:, :-1], rtol=1e-5)
 
 
 def test_profile_clusters_align_and_reassign():
