@@ -293,6 +293,14 @@ class TrainSettings(Section):
         "mean, spread and bright tail per channel and its foreground share, so the vector keeps what varies within "
         "samples (such as pH3-bright mitoses), which sample-level pairs teach it to ignore.",
     )
+    ema: float = Field(
+        0.998,
+        ge=0,
+        lt=1,
+        description="Decay of an exponential moving average of the encoder's weights, updated every step and saved "
+        "in each checkpoint; inference uses the average (infer.ema). 0.998 averages over roughly the last 500 "
+        "steps, smoothing out the step-to-step wander of the final weights; 0: no average.",
+    )
     gather_negatives: bool = Field(True, description="Gather negatives across processes (all_gather).")
     checkpoint_every: int = Field(200, ge=1, description="Write a checkpoint every K steps.")
     keep_checkpoints: int = Field(3, ge=1, description="Newest checkpoints kept.")
@@ -347,6 +355,11 @@ class InferSettings(Section):
     min_foreground: float = Field(0.1, ge=0, le=1, description="Windows with less foreground are dropped.")
     _half_window = field_validator("stride", mode="before")(_none_word)
     keep_background: bool = Field(False, description="Keep background windows, flagged, instead of dropping.")
+    ema: bool = Field(
+        True,
+        description="Embed with the checkpoint's moving average of the encoder weights (train.ema) when it holds "
+        "one; false: its last weights.",
+    )
     views: int = Field(
         1,
         description="Test-time views: each window's vector is the mean over this many dihedral views of its "

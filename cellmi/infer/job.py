@@ -155,7 +155,7 @@ def make_plan(settings: Settings) -> Plan:
     store_url = _absolute(join(settings.workdir, STORE_NAME))
     meta = open_store(store_url).meta
     ckpt = resolve_checkpoint(settings)
-    encoder, ckpt_meta = load_encoder(ckpt, device="cpu")
+    encoder, ckpt_meta = load_encoder(ckpt, device="cpu", average=infer.ema)
     if ckpt_meta.get("channels") and list(ckpt_meta["channels"]) != meta.channels:
         raise UserError(
             f"{ckpt}: checkpoint was trained on channels {list(ckpt_meta['channels'])}, "
@@ -199,6 +199,7 @@ def make_plan(settings: Settings) -> Plan:
         s3=s3_limits(),
         precision=infer.precision,
         prep_threads=infer.prep_threads,
+        ema=infer.ema,
     )
     attrs = {
         "window": window,
@@ -211,6 +212,7 @@ def make_plan(settings: Settings) -> Plan:
         "checkpoint": ckpt,
         "checkpoint_sha256": sha,
         "checkpoint_step": ckpt_meta.get("step"),
+        "weights": ckpt_meta["weights"],
         "store": store_url,
         "settings": as_dict(settings),
         "cellmi_version": __version__,
@@ -239,6 +241,7 @@ def run_key(plan: Plan) -> str:
             "keep_background": job.keep_background,
             "baseline_seed": job.baseline_seed,
             "precision": job.precision,  # of batched tasks on a GPU (a run may mix GPU and CPU parts)
+            "ema": job.ema,
             "version": __version__,
         }
     )
@@ -250,7 +253,7 @@ def compute_in_process(
     """The same per-field work in this process, without Dask or parts (reference for tests/benchmarks)."""
     torch.set_num_threads(threads)
     store = open_store(job.store)
-    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed)
+    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, ema=job.ema)
     return {image_name(s, f): embed_field(job, store, models, s, f) for s, f in fields}
 
 

@@ -59,6 +59,7 @@ class InferJob:
     batched: bool = False  # many fields per forward pass (tasks sent to GPU workers)
     precision: Literal["bf16", "float32"] = "bf16"  # of the conv trunk in batched tasks on a GPU
     prep_threads: int = 0  # threads preparing the fields of a batched task; 0: the process's cores
+    ema: bool = True  # the checkpoint's moving average of the weights, when it holds one
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,13 @@ class Models:
 
 
 @functools.lru_cache(maxsize=2)
-def load_models(checkpoint: str, sha256: str, baseline_seed: int, device: str = "cpu") -> Models:
+def load_models(
+    checkpoint: str, sha256: str, baseline_seed: int, device: str = "cpu", ema: bool = True
+) -> Models:
     """Load once per process; ``sha256`` is part of the key so a replaced checkpoint is reloaded."""
     from cellmi.train.checkpoint import build_encoder, load_encoder
 
-    encoder, meta = load_encoder(checkpoint, device="cpu")
+    encoder, meta = load_encoder(checkpoint, device="cpu", average=ema)
     untrained = build_encoder(meta["arch"], baseline_seed)
     return Models(dim=encoder.to(device).eval(), random=untrained.to(device).eval())
 
@@ -166,7 +169,7 @@ def compute_device(job: InferJob) -> tuple[torch.device, torch.dtype | None]:
 def run_batched(job: InferJob, store: ImageStore, fields: list[tuple[str, str]]) -> list[FieldResult]:
     """Prepare the fields on several threads, then embed each group of one shape in one batch."""
     device, precision = compute_device(job)
-    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, device.type)
+    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, device.type, job.ema)
     threads = job.prep_threads or cores()
     with ThreadPoolExecutor(threads) as pool:
         prepared = list(pool.map(lambda f: prepare_field(job, store, *f), fields))
@@ -188,7 +191,7 @@ def run_task(job: InferJob, fields: list[tuple[str, str]], threads: int = 1) -> 
     if job.batched:
         results = run_batched(job, store, todo)
     else:
-        models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed)
+        models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, ema=job.ema)
         results = [embed_field(job, store, models, s, f) for s, f in todo]
     write_parts(job.parts, results, job.run_id)
     return [r.name for r in results]

@@ -177,14 +177,15 @@ def load_checkpoint(url: str) -> dict[str, Any]:
     return state
 
 
-def encoder_from_state(state: dict[str, Any], url: str) -> Encoder:
-    """Rebuild the encoder of a checkpoint dict; an architecture this code cannot build is a UserError."""
+def encoder_from_state(state: dict[str, Any], url: str, average: bool = False) -> Encoder:
+    """Rebuild the encoder of a checkpoint dict, with its moving average of the weights when ``average``
+    and it holds one (else its last weights); an architecture this code cannot build is a UserError."""
     arch = state["arch"]
     if not isinstance(arch, dict) or sorted(set(arch) - set(_ARCH_OPTIONAL)) != sorted(_ARCH_KEYS):
         raise UserError(f"{url}: incompatible architecture {arch!r}: expected the keys {list(_ARCH_KEYS)}")
     try:
         encoder = build_encoder(arch, seed=0)
-        encoder.load_state_dict(state["encoder"], strict=True)
+        encoder.load_state_dict(weights_of(state, average)[1], strict=True)
     except (RuntimeError, ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or ["?"])[0][:200]
         raise UserError(
@@ -210,16 +211,28 @@ def resolve_checkpoint(url: str) -> str:
     return found
 
 
-def load_encoder(url: str, device: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
-    """The trained encoder (eval mode, on ``device``) and its facts from a checkpoint file or folder.
+def weights_of(state: dict[str, Any], average: bool) -> tuple[str, dict[str, Any]]:
+    """("average", the averaged encoder's weights) when asked for and saved, else ("last", the last)."""
+    if average and isinstance(state.get("ema"), dict) and "encoder" in state["ema"]:
+        return "average", state["ema"]["encoder"]
+    return "last", state["encoder"]
 
-    The facts: url, step, arch, settings, channels, data_stats, stop_reason.
+
+def load_encoder(
+    url: str, device: str | torch.device = "cpu", average: bool = True
+) -> tuple[Encoder, dict[str, Any]]:
+    """The trained encoder (eval mode, on ``device``) and its facts from a checkpoint file or folder:
+    with ``average``, the moving average of its weights when the checkpoint holds one.
+
+    The facts: url, step, arch, settings, channels, data_stats, stop_reason, weights ("average" or
+    "last").
     """
     url = resolve_checkpoint(url)
     state = load_checkpoint(url)
-    encoder = encoder_from_state(state, url).to(device)
+    encoder = encoder_from_state(state, url, average).to(device)
     info = {
         "url": url,
         **{k: state.get(k) for k in ("step", "arch", "settings", "channels", "data_stats", "stop_reason")},
+        "weights": weights_of(state, average)[0],
     }
     return encoder, info

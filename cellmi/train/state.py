@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cellmi.errors import UserError
 from cellmi.hardware import memory_format
@@ -28,6 +29,7 @@ __all__ = [
     "checkpoint_state",
     "model_arch",
     "restore",
+    "update_average",
     "wrap_distributed",
 ]
 
@@ -73,6 +75,7 @@ class Trainer:
     prior: PriorDiscriminator
     optim: torch.optim.Optimizer
     prior_optim: torch.optim.Optimizer
+    ema: AveragedModel | None = None  # moving average of the encoder's weights (train.ema > 0)
     net_ddp: nn.Module | None = None
     prior_ddp: nn.Module | None = None
     step: int = 0
@@ -117,7 +120,21 @@ def build_trainer(settings: Settings, in_channels: int, device: torch.device) ->
     prior = PriorDiscriminator(m.global_dim).to(device)
     optim = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     prior_optim = torch.optim.Adam(prior.parameters(), lr=cfg.prior_lr)
-    return Trainer(net, prior, optim, prior_optim)
+    ema = None
+    if cfg.ema > 0:
+        ema = AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    return Trainer(net, prior, optim, prior_optim, ema)
+
+
+def update_average(trainer: Trainer) -> None:
+    """Fold the encoder's weights after a step into their moving average (no-op without one)."""
+    if trainer.ema is not None:
+        trainer.ema.update_parameters(trainer.encoder)
+
+
+def average_state(ema: AveragedModel) -> dict[str, Any]:
+    """The checkpoint entry of the moving average: the averaged encoder's state and how many steps it holds."""
+    return {"encoder": ema.module.state_dict(), "updates": ema.n_averaged.detach().clone()}
 
 
 def wrap_distributed(trainer: Trainer, dist: DistInfo) -> None:
@@ -162,6 +179,7 @@ def checkpoint_state(trainer: Trainer, settings: Settings, meta: StoreMeta, stop
         "format": FORMAT,
         "arch": dict(trainer.encoder.arch),
         "encoder": trainer.encoder.state_dict(),
+        **({"ema": average_state(trainer.ema)} if trainer.ema is not None else {}),
         "critics": critics,
         "prior": trainer.prior.state_dict(),
         "optim": trainer.optim.state_dict(),
@@ -198,6 +216,7 @@ def restore(trainer: Trainer, url: str, channels: list[str], restore_rng: bool) 
         trainer.net.content_head.load_state_dict(critics["content"])
     if trainer.net.global_critic is not None:
         trainer.net.global_critic.load_state_dict(critics["global"])
+    restore_average(trainer, state)
     trainer.prior.load_state_dict(state["prior"])
     trainer.optim.load_state_dict(state["optim"])
     trainer.prior_optim.load_state_dict(state["prior_optim"])
@@ -207,3 +226,18 @@ def restore(trainer: Trainer, url: str, channels: list[str], restore_rng: bool) 
         set_rng_state(state["rng"])
     log.info("resumed from %s at step %d", url, trainer.step)
     return state
+
+
+def restore_average(trainer: Trainer, state: dict[str, Any]) -> None:
+    """The moving average as saved; from a checkpoint without one (train.ema was 0) it starts afresh
+    from the restored weights."""
+    if trainer.ema is None:
+        return
+    saved = state.get("ema")
+    if saved is None:
+        trainer.ema.module.load_state_dict(trainer.encoder.state_dict())
+        trainer.ema.n_averaged.fill_(1)
+        log.info("the checkpoint holds no weight average; averaging starts from its weights")
+        return
+    trainer.ema.module.load_state_dict(saved["encoder"])
+    trainer.ema.n_averaged.copy_(saved["updates"])

@@ -21,7 +21,7 @@ from cellmi.losses import (
 from cellmi.settings import TrainSettings
 from cellmi.train.data import Batch
 from cellmi.train.distributed import DistInfo, all_gather_tensor, all_gather_with_grad
-from cellmi.train.state import Trainer
+from cellmi.train.state import Trainer, update_average
 
 __all__ = ["METRICS", "frozen", "train_step"]
 
@@ -107,6 +107,7 @@ def _encoder_step(trainer: Trainer, batch: Batch, cfg: TrainSettings, dist: Dist
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(trainer.net.parameters(), cfg.grad_clip)
     trainer.optim.step()
+    update_average(trainer)
     return loss, local, global_, content, generator, torch.tensor(gamma), grad_norm, codes.detach()
 
 

@@ -32,9 +32,11 @@ def write_checkpoint(
     step: int = 7,
     channels: list[str] | None = None,
     data_stats: dict | None = None,
+    average_seed: int | None = None,
     **arch: int,
 ) -> str:
-    """A complete checkpoint of ``tiny_encoder(seed)`` through the training code's writer."""
+    """A complete checkpoint of ``tiny_encoder(seed)`` through the training code's writer; with
+    ``average_seed``, ``tiny_encoder(average_seed)`` stands for its moving average of the weights."""
     encoder = tiny_encoder(seed, **arch)
     full = {**TINY, **arch}
     state = {key: {} for key in CHECKPOINT_KEYS}
@@ -49,6 +51,8 @@ def write_checkpoint(
         data_stats=data_stats or {},
         train_seconds=0.0,
     )
+    if average_seed is not None:
+        state["ema"] = {"encoder": tiny_encoder(average_seed, **arch).state_dict(), "updates": torch.tensor(step)}
     return save_checkpoint(folder, state, step, keep=3)
 
 

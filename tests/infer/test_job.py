@@ -92,6 +92,21 @@ def cluster():
         yield local
 
 
+def test_inference_embeds_with_the_weight_average_unless_told_not_to(tmp_path):
+    averaged, plain = str(tmp_path / "averaged"), str(tmp_path / "plain")
+    make_store(join(averaged, "store.zarr"), samples=2, fields=1, size=SIZE)
+    write_checkpoint(join(averaged, "checkpoints"), seed=1, average_seed=2)
+    make_store(join(plain, "store.zarr"), samples=2, fields=1, size=SIZE)
+    write_checkpoint(join(plain, "checkpoints"), seed=2)
+    plan, average = expected(settings_for(averaged))
+    last_plan, last = expected(settings_for(averaged, ema=False))
+    assert (plan.attrs["weights"], last_plan.attrs["weights"]) == ("average", "last")
+    assert run_key(plan) != run_key(last_plan)  # parts of the other weights are never reused
+    _, seed2 = expected(settings_for(plain))
+    np.testing.assert_allclose(average.features["dim"], seed2.features["dim"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(average.features["dim"], last.features["dim"], atol=1e-3)
+
+
 def test_dask_result_equals_in_process_result(tmp_path):
     workdir = str(tmp_path / "run")
     ckpt = make_run(workdir)

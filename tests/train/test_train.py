@@ -123,9 +123,51 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     for key in ("encoder", "prior"):
         for name, tensor in a[key].items():
             torch.testing.assert_close(b[key][name], tensor, rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    assert int(a["ema"]["updates"]) == int(b["ema"]["updates"]) == 2 * k
+    for name, tensor in a["ema"]["encoder"].items():
+        torch.testing.assert_close(b["ema"]["encoder"][name], tensor, rtol=0, atol=1e-6, msg=f"ema.{name}")
     for name, tensor in a["critics"]["local"].items():
         torch.testing.assert_close(b["critics"]["local"][name], tensor, rtol=0, atol=1e-6)
     assert [r["step"] for r in metrics(killed)] == list(range(1, 2 * k + 1))
+
+
+def test_weight_average_is_the_moving_average_of_the_steps():
+    from cellmi.train.state import build_trainer, update_average
+
+    trainer = build_trainer(tiny_settings("unused", ema=0.5), 3, torch.device("cpu"))
+    for value in (1.0, 3.0, 7.0):  # the first update copies; then average = 0.5 * average + 0.5 * weights
+        for param in trainer.encoder.parameters():
+            param.data.fill_(value)
+        update_average(trainer)
+    for param in trainer.ema.module.parameters():
+        torch.testing.assert_close(param, torch.full_like(param, 4.5))
+    assert build_trainer(tiny_settings("unused", ema=0.0), 3, torch.device("cpu")).ema is None
+
+
+def test_inference_loads_the_average_unless_asked_for_the_last_weights(workdir):
+    from cellmi.train.checkpoint import load_encoder
+
+    assert main(tiny_settings(workdir, steps=6, ema=0.5)) == 0
+    folder = os.path.join(workdir, "checkpoints")
+    state = load_checkpoint(latest_checkpoint(folder))
+    assert int(state["ema"]["updates"]) == 6
+    for average, key in ((True, "average"), (False, "last")):
+        encoder, info = load_encoder(folder, average=average)
+        assert info["weights"] == key
+        saved = state["ema"]["encoder"] if average else state["encoder"]
+        for name, tensor in encoder.state_dict().items():
+            torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+    differ = [not torch.equal(state["ema"]["encoder"][n], t) for n, t in state["encoder"].items()]
+    assert any(differ)
+    # a run resumed without an average (ema 0 before) starts one from the resumed weights
+    resumed = os.path.join(os.path.dirname(workdir), "no-average")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints"))
+    assert main(tiny_settings(resumed, steps=4, ema=0.0)) == 0
+    assert "ema" not in load_checkpoint(latest_checkpoint(os.path.join(resumed, "checkpoints")))
+    assert load_encoder(os.path.join(resumed, "checkpoints"))[1]["weights"] == "last"
+    assert main(tiny_settings(resumed, steps=6, ema=0.5)) == 0
+    assert int(load_checkpoint(latest_checkpoint(os.path.join(resumed, "checkpoints")))["ema"]["updates"]) == 3
 
 
 def test_training_in_shards_resumes_to_the_weights_of_a_straight_run(tmp_path):
