@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: ingest asks for cores() without loading it
+    import torch
 
 __all__ = ["autocast", "bf16_native", "cores", "memory_format"]
 
@@ -26,6 +28,8 @@ def cores() -> int:
 
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 in hardware (CUDA, or a CPU with AMX / AVX-512 BF16)."""
+    import torch
+
     if device.type == "cuda":
         return True
     if device.type != "cpu":
@@ -36,6 +40,8 @@ def bf16_native(device: torch.device) -> bool:
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when asked for and native there; otherwise no change."""
+    import torch
+
     if enabled and bf16_native(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -43,4 +49,6 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
     """channels_last where asked for (CUDA and CPU convolutions both prefer it), else contiguous."""
+    import torch
+
     return torch.channels_last if channels_last and device.type in ("cuda", "cpu") else torch.contiguous_format

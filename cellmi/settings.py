@@ -125,7 +125,9 @@ class IngestSettings(Section):
     n_test: int = Field(4, ge=0, description="Samples held out for test when test_samples is unset.")
     split_seed: int = Field(0, description="Seed of the shuffle that picks the held-out samples.")
     overwrite: bool = Field(False, description="Replace an existing store instead of refusing.")
-    workers: int = Field(0, ge=0, description="Parallel readers; 0 means one per CPU core.")
+    workers: int = Field(
+        0, ge=0, description="Parallel readers; 0 means one per CPU core this process may use (a container's CPU set)."
+    )
     mask_pixels: int = Field(
         40_000, ge=1_000, description="Pixels sampled per image to fit the foreground mixture."
     )
@@ -371,7 +373,12 @@ class InferSettings(Section):
     scheduler_address: str | None = Field(
         None, description="Existing Dask scheduler; DASK_SCHEDULER_ADDRESS is used when this is unset."
     )
-    workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per core.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Local cluster worker processes; 0 means one per CPU core this process may use (a container's "
+        "CPU set).",
+    )
     fields_per_task: int = Field(
         0,
         ge=0,

@@ -207,7 +207,7 @@ def dask_client(settings: Settings, to_place: int) -> Iterator[Any]:
             with Client(address, timeout=f"{settings.timeouts.dask_s:g}s") as client:
                 yield client
             return
-        workers = settings.infer.workers or os.cpu_count() or 1
+        workers = settings.infer.workers or cores()
         with (
             LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster,
             Client(cluster) as client,

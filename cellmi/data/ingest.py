@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from cellmi.data.masks import foreground_mask
 from cellmi.data.platemap import PLATE, WELL, PlateMap, read_platemap
 from cellmi.data.readers import read_image_file
 from cellmi.errors import UserError
+from cellmi.hardware import cores
 from cellmi.log import log, progress
 from cellmi.settings import IngestSettings, Settings, as_dict, digest
 from cellmi.store import (
@@ -340,7 +340,7 @@ def write_store(url: str, meta: StoreMeta, images: Iterable[tuple[str, str, str,
     writer = StoreWriter(url, meta, overwrite=cfg.overwrite or settings.force, chunk=cfg.chunk,
                          colours=channel_colours(meta.channels, cfg.colors))
     stats = IntensityStats(cfg.intensity)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or cores()
 
     def with_mask(item: tuple[str, str, str, np.ndarray]) -> tuple[str, str, np.ndarray, np.ndarray]:
         sample, field_id, plate, raw = item
@@ -447,7 +447,7 @@ def plan_ingest(settings: Settings) -> Plan:
     if not grouping.fields and not grouping.problems:
         raise UserError(f"{source}: no file matches the {cfg.preset if not cfg.pattern else 'given'} pattern "
                         f"{pattern_of(cfg).pattern!r}")
-    survey = survey_fields(grouping.fields, cfg.workers or os.cpu_count() or 1, known_window(settings),
+    survey = survey_fields(grouping.fields, cfg.workers or cores(), known_window(settings),
                            collect_flats=cfg.illumination in ("auto", "estimate") and not grouping.problems)
     _raise_problems(source, grouping.problems + survey.problems)
     plates = sorted({f.plate for f in grouping.fields})

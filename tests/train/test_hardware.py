@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,3 +48,10 @@ def test_default_torch_threads_leave_a_core_to_the_crop_thread(monkeypatch, core
     dist = DistInfo(rank=0, world=local_world, local_rank=0, local_world=local_world, device=CPU)
     assert intra_op_threads(0, dist) == expected
     assert intra_op_threads(5, dist) == 5
+
+
+def test_ingest_counts_cores_without_loading_torch():
+    """Ingest sizes its readers by cores() (the container's CPU set) and stays free of torch's import."""
+    code = "import sys, cellmi.data.ingest as i; print(i.cores(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(len(os.sched_getaffinity(0))), "False"]
