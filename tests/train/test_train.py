@@ -100,10 +100,10 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     for folder in (straight, killed):
         shutil.copytree(os.path.join(store_dir, STORE_NAME), os.path.join(folder, STORE_NAME))
-    assert main(tiny_settings(straight, steps=2 * k, checkpoint_every=k)) == 0
+    assert main(tiny_settings(straight, steps=2 * k, checkpoint_every=k, ema=0.9)) == 0
 
     # a real process, killed (SIGKILL, no chance to clean up) right after its step-K checkpoint
-    env = job_env(killed, steps=2 * k, checkpoint_every=k)
+    env = job_env(killed, steps=2 * k, checkpoint_every=k, ema=0.9)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellmi", "train"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -116,7 +116,7 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert latest_checkpoint(os.path.join(killed, "checkpoints")).endswith(f"step_{k:06d}.pt")
 
-    assert main(tiny_settings(killed, steps=2 * k, checkpoint_every=k)) == 0  # resumes at step K
+    assert main(tiny_settings(killed, steps=2 * k, checkpoint_every=k, ema=0.9)) == 0  # resumes at step K
     a = load_checkpoint(latest_checkpoint(os.path.join(straight, "checkpoints")))
     b = load_checkpoint(latest_checkpoint(os.path.join(killed, "checkpoints")))
     assert a["step"] == b["step"] == 2 * k
