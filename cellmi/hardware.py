@@ -2,7 +2,7 @@
 (CUDA, and CPUs that compute bf16 in hardware).
 
 On a CPU with AMX or AVX-512 BF16, oneDNN runs bf16 convolutions in channels_last layout about
-twice as fast as float32 (`cellmi train` of the default encoder on 2 cores: 335 crops/s against
+1.5 times as fast as float32 (`cellmi train` of the default encoder on 2 cores: 335 crops/s against
 221); on other CPUs bf16 is emulated and slower, so it stays off there.
 """
 

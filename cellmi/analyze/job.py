@@ -477,7 +477,6 @@ def model_bundle(c: Clustering, cfg: ClusterSettings) -> dict[str, Any]:
         "mixture": c.mixture,
         "profiles": c.profile_model,
         "aggregate": cfg.aggregate,
-        "profile_density": cfg.profile_density,
         "image_labels": cfg.image_labels,
         "split": cfg.split,
     }
@@ -846,10 +845,11 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     with dask_client(settings, len(x) if len(x) > CHUNK else 0) as client:
         z, proba = place_clusters(bundle["reducer"], bundle["mixture"], x, client, settings.cluster.placement)
     labels, prob = most_probable(proba)
-    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"], bundle.get("profile_density", 0) > 0)
+    model: ProfileModel = bundle["profiles"]
+    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"], density=model.weights is not None)
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")
-    fields["cluster_profile"] = assign_profiles(bundle["profiles"], profiles)
+    fields["cluster_profile"] = assign_profiles(model, profiles)
     phen = phenotype_map(reps)
     target = join(out, APPLIED)
     write_parquet(

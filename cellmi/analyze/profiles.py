@@ -96,7 +96,7 @@ class ProfileModel:
     centroids: np.ndarray  # (k, P)
     fit_rows: np.ndarray  # (n_fit, P) float32 reduced profiles of the fitted fields
     fit_labels: np.ndarray  # (n_fit,) their labels
-    weights: np.ndarray | None = None  # (F,) each standardised feature's weight; None: all 1
+    weights: np.ndarray | None = None  # (F,) each standardised feature's weight; None: all 1 (and no density column)
 
     def scale(self, profiles: np.ndarray) -> np.ndarray:
         """(M, F) -> (M, F) standardised (and weighted) profiles (the space retrieval metrics use)."""

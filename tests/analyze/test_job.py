@@ -192,6 +192,23 @@ def test_apply_to_assigns_the_same_clusters_to_the_same_data(workdir, analysed):
     assert len(train) == 3 * 4 * 15 and train["cluster"].between(0, 2).all()
 
 
+def test_apply_to_profiles_with_the_density_feature_the_model_was_fitted_with(tmp_path, workdir):
+    """A model fitted with cluster.profile_density profiles applied data with the foreground share too."""
+    import shutil
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(join(workdir, "representations.zarr"), join(copy, "representations.zarr"))
+    fit = ["cluster", "--workdir", copy, "--no-cluster.baselines", "--no-cluster.maps"]
+    assert cli_main([*fit, "--cluster.profile_density", "2"]) == 0
+    url = join(copy, "representations.zarr")
+    assert cli_main([*fit, "--cluster.apply_to", url]) == 0  # the density setting is the model's, not this run's
+    images = [pd.read_parquet(join(copy, "analysis", *sub, "clusters_images.parquet")) for sub in ((), ("applied",))]
+    merged = images[0].merge(images[1], on=["Metadata_sample", "Metadata_field"], suffixes=("", "_applied"))
+    assert len(merged) == len(images[0]) > 0
+    np.testing.assert_array_equal(merged["cluster_profile"], merged["cluster_profile_applied"])
+    np.testing.assert_allclose(merged["fg_share"], merged["fg_share_applied"])
+
+
 def test_apply_to_new_data_from_parquet(tmp_path, workdir, analysed):
     """A perturbed copy (new vectors) as a Parquet table lands in the clusters of the originals."""
     from cellmi.representations import to_frame, write_parquet
