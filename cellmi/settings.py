@@ -278,7 +278,13 @@ class TrainSettings(Section):
         "channel's level (the pH3 of a mitotic arrest).",
     )
     aug_blur: float = Field(0.25, ge=0, le=1, description="Share of crops blurred like a defocused field.")
-    aug_blur_sigma: float = Field(2.0, gt=0, le=16, description="Largest Gaussian blur sigma in pixels.")
+    aug_blur_sigma: float = Field(
+        3.5,
+        gt=0,
+        le=16,
+        description="Largest Gaussian blur sigma in pixels (drawn from 0.5 up to this): as far as a badly "
+        "defocused field blurs.",
+    )
     local_foreground: float = Field(
         0.1, ge=0, le=1, description="Local positions seeing less foreground than this are left out of the loss."
     )
