@@ -241,7 +241,9 @@ def test_content_term_is_weighted_into_the_loss_and_learns(tmp_path, store_dir):
     for weight in (0.0, 2.0):
         workdir = str(tmp_path / f"w{weight}")
         shutil.copytree(store_dir, workdir)
-        assert main(tiny_settings(workdir, steps=40, content=weight, lr=5e-3, checkpoint_every=1000)) == 0
+        # no augmentation: the comparison is of the content term, not of how hard the crops are
+        assert main(tiny_settings(workdir, steps=40, content=weight, lr=5e-3, checkpoint_every=1000,
+                                  augment=False)) == 0
         runs[weight] = metrics(workdir)
     first = {w: r[0] for w, r in runs.items()}
     for record in first.values():
