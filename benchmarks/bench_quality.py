@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -149,14 +150,32 @@ def state(workdir: Path, ident: dict) -> str:
     return "finished" if done else "unfinished"
 
 
-def execute(run: Run, workdir: Path, overrides: list[str], quick: bool) -> None:
-    """Run (or resume) `cellmi run` in ``workdir``; its record says finished only after success."""
+def seed_from(source: Path, workdir: Path) -> None:
+    """Start a new run folder from a finished run of another tag: its data, checkpoints and vectors
+    hard-linked (every stage `cellmi run` redoes deletes its output and writes it anew, so the
+    source is never changed), its top-level records and logs copied."""
+    if not (source / RECORD).exists() or not json.loads((source / RECORD).read_text()).get("finished"):
+        raise SystemExit(f"{source}: no finished run to reuse")
+    shutil.copytree(source, workdir, copy_function=os.link, ignore=lambda folder, names: [
+        n for n in names if folder == str(source) and n.endswith((".json", ".log"))])
+    for item in source.iterdir():
+        if item.is_file() and item.name.endswith((".json", ".log")) and item.name != RECORD:
+            shutil.copy2(item, workdir / item.name)
+
+
+def execute(run: Run, workdir: Path, overrides: list[str], quick: bool, reuse: Path | None = None) -> None:
+    """Run (or resume) `cellmi run` in ``workdir``; its record says finished only after success.
+    With ``reuse`` (a folder of finished runs), a new run starts from the same run there."""
     ident = identity(run, overrides, quick)
     status = state(workdir, ident)
     if status == "finished":
         print(f"{run.name}: finished before, skipped", flush=True)
         return
-    print(f"{run.name}: {'resuming' if status == 'unfinished' else 'running'}", flush=True)
+    reused = reuse / run.name if reuse is not None and status == "new" else None
+    if reused is not None:
+        seed_from(reused, workdir)
+    print(f"{run.name}: {'resuming' if status == 'unfinished' else 'running'}"
+          f"{f' from {reused}' if reused else ''}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / RECORD).write_text(json.dumps({"identity": ident, "finished": False}, indent=2))
     start = time.perf_counter()
@@ -172,6 +191,9 @@ def execute(run: Run, workdir: Path, overrides: list[str], quick: bool) -> None:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SystemExit(f"{run.name} failed (exit {proc.returncode}): {last}; log: {workdir / 'cellmi.log'}")
     record = {"identity": ident, "finished": True, "wall_s": wall}
+    if reused is not None:  # this call redid only some stages: the run's time is its stages' times
+        stages = json.loads((workdir / "run.json").read_text())["stages"]
+        record.update(wall_s=round(sum(v["seconds"] for v in stages.values()), 1), reused_from=str(reused))
     (workdir / RECORD).write_text(json.dumps(record, indent=2))
 
 
@@ -213,6 +235,7 @@ def collect(run: Run, workdir: Path) -> dict | None:
         "overrides": record["identity"]["overrides"],
         "quick": record["identity"]["quick"],
         "wall_s": record.get("wall_s"),
+        "reused_from": record.get("reused_from"),
         "stages_s": {k: v["seconds"] for k, v in stages.items()},
         "scores": run_scores,
         "dim_ahead": dim_ahead(run_scores),
@@ -385,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the runs and reports")
     parser.add_argument("--quick", action="store_true", help="`cellmi run --quick` data, one draw-split per suite")
     parser.add_argument("--render", action="store_true", help="only report the runs that have finished")
+    parser.add_argument("--reuse", metavar="TAG", help="start each new run from the same finished run of "
+                        "out/quality-TAG, so `cellmi run` redoes only the stages whose settings differ (a "
+                        "clustering change re-scores the same trained encoders)")
     args = parser.parse_args(argv)
     known = env_names()
     bad = [item for item in args.set if "=" not in item or setting_env(item) not in known]
@@ -412,8 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.out / ("quality" + (f"-{args.tag}" if args.tag else ""))
     runs = planned(args)
     if not args.render:
+        reuse = args.out / f"quality-{args.reuse}" if args.reuse else None
         for run in runs:
-            execute(run, folder / run.name, args.set, args.quick)
+            execute(run, folder / run.name, args.set, args.quick, reuse)
     results = []
     for run, suites in runs.items():
         found = collect(run, folder / run.name)

@@ -438,9 +438,11 @@ class ClusterSettings(Section):
     image_labels: Literal["profile", "vote"] = Field(
         "profile", description="Per-image labels from aggregated field profiles or from the window vote."
     )
-    aggregate: Literal["weighted", "mean", "median"] = Field(
-        "weighted",
-        description="Window-to-field aggregation: mean weighted by each window's foreground fraction, mean, or median.",
+    aggregate: Literal["even", "weighted", "mean", "median"] = Field(
+        "even",
+        description="Window-to-field aggregation: even (weighted by each window's foreground fraction and evened "
+        "out so that every part of a field has about the same say, not mostly its middle, which overlapping "
+        "windows cover most), weighted (by foreground fraction alone), mean, or median.",
     )
     profile_density: float = Field(
         0.0,

@@ -185,6 +185,21 @@ def split_rows(reps: Representations, split: str, url: str) -> Representations:
     return reps.subset(rows)
 
 
+def window_of(reps: Representations) -> int | None:
+    """The window edge the representations were made with (None where not recorded: a Parquet table)."""
+    window = reps.attrs.get("window")
+    return int(window) if window else None
+
+
+def aggregation(how: str, window: int | None) -> str:
+    """``how``, or ``weighted`` where ``even`` has no window edge to work with."""
+    if how == "even" and window is None:
+        log.warning("cluster: the input does not record its window edge; fields are aggregated 'weighted', "
+                    "not 'even'")
+        return "weighted"
+    return how
+
+
 def phenotype_map(reps: Representations) -> dict[str, str]:
     return {str(k): str(v) for k, v in (reps.attrs.get("phenotypes") or {}).items()}
 
@@ -310,10 +325,12 @@ def fields_per_sample(fields: pd.DataFrame) -> int:
 
 
 def cluster_fields(
-    table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus
+    table: pd.DataFrame, x: np.ndarray, labels: np.ndarray, cfg: ClusterSettings, k: int, focus: Focus,
+    window: int | None,
 ) -> tuple[pd.DataFrame, np.ndarray, ProfileModel]:
     """Vote and profile labels per field; profile ids are aligned to the vote's ids."""
-    fields, profiles = field_profiles(table, x, cfg.aggregate, cfg.profile_density > 0)
+    how = aggregation(cfg.aggregate, window)
+    fields, profiles = field_profiles(table, x, how, cfg.profile_density > 0, window)
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
     model, plabels = fit_field_clusters(fields, profiles, cfg, k, focus)
@@ -329,7 +346,7 @@ def cluster_feature_set(
     x = reps.features[name]
     reducer, gmm, z, proba, bic = cluster_windows(x, cfg, k, select, client)
     labels, prob = most_probable(proba)
-    fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components, focus)
+    fields, profiles, model = cluster_fields(reps.table, x, labels, cfg, gmm.n_components, focus, window_of(reps))
     return Clustering(reducer, gmm, z, labels, prob, fields, profiles, model, bic)
 
 
@@ -393,7 +410,9 @@ def profile_split(
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
     if sub.table["sample"].nunique() < 2:
         return None
-    fields, profiles = field_profiles(sub.table, sub.features[name], cfg.aggregate, cfg.profile_density > 0)
+    window = window_of(sub)
+    how = aggregation(cfg.aggregate, window)
+    fields, profiles = field_profiles(sub.table, sub.features[name], how, cfg.profile_density > 0, window)
     k = int(fields["sample"].nunique())
     model, labels = fit_field_clusters(fields, profiles, cfg, k, focus)
     fields["cluster_profile"] = labels
@@ -467,7 +486,7 @@ def load_model(url: str) -> dict[str, Any]:
     return bundle
 
 
-def model_bundle(c: Clustering, cfg: ClusterSettings) -> dict[str, Any]:
+def model_bundle(c: Clustering, cfg: ClusterSettings, window: int | None) -> dict[str, Any]:
     return {
         "format": 1,
         "cellmi_version": __version__,
@@ -476,7 +495,8 @@ def model_bundle(c: Clustering, cfg: ClusterSettings) -> dict[str, Any]:
         "reducer": c.reducer,
         "mixture": c.mixture,
         "profiles": c.profile_model,
-        "aggregate": cfg.aggregate,
+        "aggregate": aggregation(cfg.aggregate, window),
+        "window": window,
         "image_labels": cfg.image_labels,
         "split": cfg.split,
     }
@@ -803,7 +823,7 @@ def write_outputs(
     cfg, phen = settings.cluster, phenotype_map(reps)
     fmeta = reps.attrs.get("field_metadata")
     with timed("tables and model", timings):
-        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg))
+        save_model(join(out, MODEL_FILE), model_bundle(dim, cfg, window_of(reps)))
         write_parquet(
             join(out, "clusters_windows.parquet"),
             window_frame(primary.table, dim.labels, dim.prob, dim.z, phen, baseline_labels, fmeta),
@@ -846,7 +866,9 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
         z, proba = place_clusters(bundle["reducer"], bundle["mixture"], x, client, settings.cluster.placement)
     labels, prob = most_probable(proba)
     model: ProfileModel = bundle["profiles"]
-    fields, profiles = field_profiles(reps.table, x, bundle["aggregate"], density=model.weights is not None)
+    window = window_of(reps) or bundle.get("window")  # a Parquet table does not record it; the fit did
+    fields, profiles = field_profiles(reps.table, x, aggregation(bundle["aggregate"], window),
+                                      model.weights is not None, window)
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")
     fields["cluster_profile"] = assign_profiles(model, profiles)

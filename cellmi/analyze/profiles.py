@@ -22,12 +22,48 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
+# How evenly ``even`` spreads the windows' say over a field's pixels: the ridge of the least-squares
+# fit, in units of the window edge. Smaller evens out more but leans on fewer windows (the corner ones).
+# Development draws 1-4 (12 runs' saved vectors, 256-px windows on 512-px fields), all-sample image
+# ARI: 0.907 not evened; ridge 0.12: 0.930, 0.4: 0.936, 0.5: 0.944, 1: 0.930, 1.2: 0.933, 2: 0.917.
+EVEN_RIDGE = 0.5
+
+
+def axis_weights(starts: np.ndarray, window: int, ridge: float = EVEN_RIDGE) -> np.ndarray:
+    """Weights (S,) for windows of edge ``window`` starting at ``starts`` along one axis, so that
+    the weights of the windows covering a pixel add up to about the same for every pixel.
+
+    Overlapping windows cover a field's middle many times and its edges once (with a window of half
+    the field, the centre pixel is in every window, a corner pixel in one); plain means therefore
+    describe the middle of a field. The weights solve a ridge least-squares fit of equal coverage
+    (ridge ``ridge * window``, which keeps them from resting on the edge windows alone); the
+    largest is 1.
+    """
+    starts = np.unique(np.asarray(starts, np.int64))
+    pixels = np.arange(starts[0], starts[-1] + window)
+    cover = ((pixels[:, None] >= starts[None]) & (pixels[:, None] < starts[None] + window)).astype(np.float64)
+    gram = cover.T @ cover + ridge * window * np.eye(len(starts))
+    weights = np.maximum(np.linalg.solve(gram, cover.sum(axis=0)), 0.0)
+    return weights / max(float(weights.max()), 1e-12)
+
+
+def coverage_weights(table: pd.DataFrame, window: int) -> np.ndarray:
+    """(N,) weight of each window (rows with ``y``, ``x`` corners) that evens out pixel coverage."""
+    weights = []
+    for axis in ("y", "x"):
+        at = table[axis].to_numpy(np.int64)
+        starts = np.unique(at)
+        weights.append(axis_weights(starts, window)[np.searchsorted(starts, at)])
+    return weights[0] * weights[1]
+
 
 def field_profiles(
-    table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False
+    table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False, window: int | None = None
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Aggregate (N, F) window vectors per field: ``mean``, ``median`` or ``weighted`` (a mean
-    weighted by each window's ``fg_fraction``, so windows mostly of background count less).
+    """Aggregate (N, F) window vectors per field: ``mean``, ``median``, ``weighted`` (a mean
+    weighted by each window's ``fg_fraction``, so windows mostly of background count less) or
+    ``even`` (weighted, and each window's weight also times ``coverage_weights`` for windows of
+    edge ``window``, so that every part of the field has about the same say).
 
     ``table`` has one row per window with ``sample``, ``field``, ``split`` and ``fg_fraction``.
     Returns the fields (one row each, sorted by sample then field: ``sample, field, split,
@@ -38,8 +74,12 @@ def field_profiles(
     keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
     codes, uniques = pd.factorize(keys, sort=True)
     values = np.asarray(x, np.float64)
-    if how == "weighted":
+    if how in ("weighted", "even"):
         weight = np.maximum(table["fg_fraction"].to_numpy(np.float64), 1e-6)[:, None]
+        if how == "even":
+            if window is None:
+                raise ValueError("aggregation 'even' needs the window edge")
+            weight = weight * np.maximum(coverage_weights(table, window), 1e-6)[:, None]
         sums = pd.DataFrame(values * weight).groupby(codes, sort=True).sum().to_numpy()
         profiles = (sums / pd.Series(weight[:, 0]).groupby(codes, sort=True).sum().to_numpy()[:, None])
         profiles = profiles.astype(np.float32)

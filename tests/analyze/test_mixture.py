@@ -14,6 +14,7 @@ from cellmi.analyze.profiles import (
     RankScaler,
     align_labels,
     assign_profiles,
+    axis_weights,
     consensus,
     field_profiles,
     fit_profiles,
@@ -82,6 +83,42 @@ def test_field_profiles_mean_and_median():
     np.testing.assert_allclose(weighted, [[3.3, 4.5], [1.0, 1.0]], rtol=1e-6)
     _, dense = field_profiles(table, x, "weighted", density=True)
     np.testing.assert_allclose(dense, [[3.3, 4.5, 1.0 / 3], [1.0, 1.0, 0.5]], rtol=1e-6)
+
+
+def _coverage(starts: np.ndarray, window: int, weights: np.ndarray) -> np.ndarray:
+    """How much weight of the windows covers each pixel of the axis."""
+    pixels = np.arange(starts[0], starts[-1] + window)
+    return ((pixels[:, None] >= starts) & (pixels[:, None] < starts + window)) @ weights
+
+
+def test_axis_weights_even_out_how_often_windows_cover_each_pixel():
+    starts = np.arange(0, 257, 32)  # 256-px windows every 32 px over 512 px: the middle covered 8 times
+    plain = _coverage(starts, 256, np.ones(len(starts)))
+    weights = axis_weights(starts, 256)
+    even = _coverage(starts, 256, weights)
+    assert plain.std() / plain.mean() > 0.4
+    assert even.std() / even.mean() < 0.6 * plain.std() / plain.mean()  # halfway: see EVEN_RIDGE
+    np.testing.assert_allclose(weights, weights[::-1], atol=1e-9)  # symmetric, edges the heaviest
+    assert weights[0] == weights.max() == 1.0 and weights.min() > 0
+    tiles = np.arange(0, 512, 128)  # windows that tile the axis already cover it evenly
+    np.testing.assert_allclose(axis_weights(tiles, 128), 1.0)
+
+
+def test_even_profiles_give_every_part_of_the_field_its_share():
+    """A field whose left quarter holds feature 1 and the rest feature 0: the pixel average is 0.25.
+    Overlapping windows see the middle most, so their plain mean is far lower (0.14); evened, it is
+    about twice as near (0.19: the ridge keeps the middle windows in)."""
+    starts = np.arange(0, 257, 32)
+    y, x = (a.ravel() for a in np.meshgrid(starts, starts, indexing="ij"))
+    share = np.clip(128 - x, 0, 256) / 256.0  # of each window's pixels, those in the left quarter
+    table = pd.DataFrame({"sample": "a", "field": "1", "split": "test", "y": y, "x": x, "fg_fraction": 1.0})
+    vectors = np.column_stack([share, 1 - share])
+    _, weighted = field_profiles(table, vectors, "weighted")
+    _, even = field_profiles(table, vectors, "even", window=256)
+    assert abs(weighted[0, 0] - 0.25) > 0.1
+    assert abs(even[0, 0] - 0.25) < 0.55 * abs(weighted[0, 0] - 0.25)
+    with pytest.raises(ValueError, match="window"):
+        field_profiles(table, vectors, "even")
 
 
 def _density_pair_set() -> tuple[np.ndarray, np.ndarray]:

@@ -160,3 +160,25 @@ def test_quick_protocol_runs_reports_and_then_resumes_instead_of_repeating(tmp_p
     other = protocol("--set", "train.steps=5", "--allow-heldout-set")
     assert other.returncode != 0 and "holds a run with other settings" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1 and run_json.stat().st_mtime_ns == before
+    reuse_and_rescore(protocol, tmp_path)
+
+
+def reuse_and_rescore(protocol, tmp_path: Path) -> None:
+    """--reuse: a run that differs in clustering alone starts from the finished run, redoes the
+    cluster stage only and leaves the source as it was."""
+    source = tmp_path / "quality-quick" / "heldout-d6-s0-t0"
+    before = {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()}
+    old_metrics = (source / "analysis" / "metrics.json").read_text()
+    rescored = protocol("--tag", "even", "--reuse", "quick", "--set", "cluster.aggregate=weighted",
+                        "--allow-heldout-set")
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    assert f"running from {source}" in rescored.stdout
+    old_stages = json.loads((source / "run.json").read_text())["stages"]
+    new_stages = json.loads((tmp_path / "quality-even" / source.name / "run.json").read_text())["stages"]
+    assert [new_stages[s]["finished"] == old_stages[s]["finished"] for s in ("ingest", "train", "infer", "cluster")] \
+        == [True, True, True, False]
+    assert {p: p.stat().st_mtime_ns for p in source.rglob("*") if p.is_file()} == before
+    assert (source / "analysis" / "metrics.json").read_text() == old_metrics
+    (run,) = json.loads((tmp_path / "quality-even.json").read_text())["results"]
+    assert run["reused_from"] == str(source) and run["overrides"] == ["cluster.aggregate=weighted"]
+    assert run["wall_s"] == pytest.approx(sum(v["seconds"] for v in new_stages.values()), abs=0.2)
