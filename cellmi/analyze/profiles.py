@@ -24,8 +24,8 @@ from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 # How evenly ``even`` spreads the windows' say over a field's pixels: the ridge of the least-squares
 # fit, in units of the window edge. Smaller evens out more but leans on fewer windows (the corner ones).
-# Development draws 1-4 (12 runs' saved vectors, 256-px windows on 512-px fields), all-sample image
-# ARI: 0.907 not evened; ridge 0.12: 0.930, 0.4: 0.936, 0.5: 0.944, 1: 0.930, 1.2: 0.933, 2: 0.917.
+# Development draws 1-4 (benchmarks/bench_profiles.py, 12 runs, 256-px windows on 512-px fields),
+# all-sample image ARI: 0.907 not evened; ridge 0.12: 0.933, 0.25: 0.939, 0.5: 0.944, 1: 0.930, 2: 0.917.
 EVEN_RIDGE = 0.5
 
 
@@ -47,18 +47,19 @@ def axis_weights(starts: np.ndarray, window: int, ridge: float = EVEN_RIDGE) -> 
     return weights / max(float(weights.max()), 1e-12)
 
 
-def coverage_weights(table: pd.DataFrame, window: int) -> np.ndarray:
+def coverage_weights(table: pd.DataFrame, window: int, ridge: float = EVEN_RIDGE) -> np.ndarray:
     """(N,) weight of each window (rows with ``y``, ``x`` corners) that evens out pixel coverage."""
     weights = []
     for axis in ("y", "x"):
         at = table[axis].to_numpy(np.int64)
         starts = np.unique(at)
-        weights.append(axis_weights(starts, window)[np.searchsorted(starts, at)])
+        weights.append(axis_weights(starts, window, ridge)[np.searchsorted(starts, at)])
     return weights[0] * weights[1]
 
 
 def field_profiles(
-    table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False, window: int | None = None
+    table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False, window: int | None = None,
+    ridge: float = EVEN_RIDGE,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Aggregate (N, F) window vectors per field: ``mean``, ``median``, ``weighted`` (a mean
     weighted by each window's ``fg_fraction``, so windows mostly of background count less) or
@@ -79,7 +80,7 @@ def field_profiles(
         if how == "even":
             if window is None:
                 raise ValueError("aggregation 'even' needs the window edge")
-            weight = weight * np.maximum(coverage_weights(table, window), 1e-6)[:, None]
+            weight = weight * np.maximum(coverage_weights(table, window, ridge), 1e-6)[:, None]
         sums = pd.DataFrame(values * weight).groupby(codes, sort=True).sum().to_numpy()
         profiles = (sums / pd.Series(weight[:, 0]).groupby(codes, sort=True).sum().to_numpy()[:, None])
         profiles = profiles.astype(np.float32)

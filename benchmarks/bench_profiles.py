@@ -1,0 +1,121 @@
+"""Field-profile variants on finished runs: the saved window vectors of each run grouped again.
+
+    python benchmarks/bench_profiles.py --tags blur35 blur35-d34          # development runs only
+    python benchmarks/bench_profiles.py --tags blur35 --ridges 0.25 0.5 1 --density 0 1 2
+
+The encoder, the data and the vectors stay as each run left them; only the step from window
+vectors to field groups changes: ``weighted`` (foreground-weighted mean of the windows),
+``even`` at each ``--ridges`` value (the same, evened out over the field; see ``axis_weights``),
+and, for the default ridge, each ``--density`` weight (the field's evened foreground cover as
+one more profile feature). Grouping is `cellmi cluster`'s profile step with its defaults
+(spectral consensus on rank-scaled profiles, one group per sample), on all samples and on the
+held-out ones. Settings are chosen on development runs only (quality-protocol.md): pass folders
+of dev runs. Writes out/profiles[-tag].json and .md: per variant, the mean and minimum over runs
+of all-sample image ARI, held-out image ARI and all-sample field nearest-neighbour accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmi.analyze import job
+from cellmi.analyze.profiles import EVEN_RIDGE, axis_weights, coverage_weights, field_profiles
+from cellmi.representations import load_representations
+from cellmi.settings import ClusterSettings
+
+OUT = Path(__file__).resolve().parent / "out"
+SCORES = ("all-sample image ARI", "held-out image ARI", "all-sample field NN accuracy")
+
+
+def evened_cover(table: pd.DataFrame, window: int, ridge: float) -> np.ndarray:
+    """Per field (sorted as ``field_profiles`` sorts them): the evened mean foreground over the
+    whole window grid, windows inference dropped as background counting as empty."""
+    full = np.prod([axis_weights(np.unique(table[axis]), window, ridge).sum() for axis in ("y", "x")])
+    weighted = coverage_weights(table, window, ridge) * table["fg_fraction"].to_numpy(np.float64)
+    keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
+    codes, _ = pd.factorize(keys, sort=True)
+    return (pd.Series(weighted).groupby(codes, sort=True).sum().to_numpy() / full).astype(np.float32)
+
+
+def group(reps, split: str, how: str, ridge: float, density: float, cfg: ClusterSettings, focus) -> dict:
+    """Image ARI and field NN accuracy of one split grouped from profiles of one recipe."""
+    sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
+    window = job.window_of(sub)
+    fields, profiles = field_profiles(sub.table, sub.features["dim"], how, density > 0, window, ridge)
+    if density > 0:
+        profiles[:, -1] = evened_cover(sub.table, window, ridge)
+    k = int(fields["sample"].nunique())
+    model, labels = job.fit_field_clusters(fields, profiles, cfg.model_copy(update={"profile_density": density}),
+                                           k, focus)
+    image = job.image_scores(fields, labels, "", job.phenotype_map(reps))["image_ari"]
+    return {"image_ari": image, "nn_accuracy": job.retrieval_scores(model, profiles, fields)["nn_accuracy"]}
+
+
+def variants(ridges: list[float], densities: list[float]) -> list[tuple[str, str, float, float]]:
+    out = [("weighted", "weighted", EVEN_RIDGE, 0.0)]
+    out += [(f"even, ridge {r:g}", "even", r, 0.0) for r in ridges]
+    out += [(f"even, density {d:g}", "even", EVEN_RIDGE, d) for d in densities if d > 0]
+    return out
+
+
+def score_run(folder: Path, plan: list[tuple[str, str, float, float]]) -> dict[str, dict[str, float]]:
+    url = str(folder / "representations.zarr")
+    reps = job.usable_windows(load_representations(url), url)
+    cfg = ClusterSettings()
+    focus = job.fields_focus(reps, cfg)
+    out = {}
+    for name, how, ridge, density in plan:
+        whole = group(reps, "all", how, ridge, density, cfg, focus)
+        held = group(reps, "test", how, ridge, density, cfg, focus)
+        out[name] = dict(zip(SCORES, (whole["image_ari"], held["image_ari"], whole["nn_accuracy"]), strict=True))
+    return out
+
+
+def table(results: dict[str, dict[str, dict[str, float]]], plan: list) -> str:
+    lines = ["| variant | " + " | ".join(f"{s} mean (min)" for s in SCORES) + " |",
+             "|---|" + "---|" * len(SCORES)]
+    for name, *_ in plan:
+        cells = []
+        for score in SCORES:
+            values = np.array([run[name][score] for run in results.values()], np.float64)
+            cells.append(f"{values.mean():.3f} ({values.min():.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{len(results)} runs: {', '.join(results)}\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tags", nargs="+", required=True, help="quality folders (out/quality-TAG) of finished runs")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.12, 0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--density", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--tag", default="", help="name of the report (out/profiles-TAG)")
+    args = parser.parse_args(argv)
+    plan = variants(args.ridges, args.density)
+    runs = sorted(run for tag in args.tags for run in (args.out / f"quality-{tag}").glob("*")
+                  if (run / "representations.zarr").exists())
+    if not runs:
+        raise SystemExit(f"no finished runs under {args.out} for tags {args.tags}")
+    heldout = [r for r in runs if r.name.startswith("heldout")]
+    if heldout:
+        raise SystemExit(f"{heldout[0]}: a held-out run; choose profile settings on development runs only")
+    results = {}
+    for run in runs:
+        results[f"{run.parent.name}/{run.name}"] = score_run(run, plan)
+        print(run.name, json.dumps({k: round(v["all-sample image ARI"], 3) for k, v in results[
+            f"{run.parent.name}/{run.name}"].items()}), flush=True, file=sys.stderr)
+    name = "profiles" + (f"-{args.tag}" if args.tag else "")
+    markdown = table(results, plan)
+    (args.out / f"{name}.json").write_text(json.dumps({"variants": [p[0] for p in plan], "runs": results}, indent=2))
+    (args.out / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
