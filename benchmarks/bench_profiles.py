@@ -7,7 +7,8 @@ The encoder, the data and the vectors stay as each run left them; only the step 
 vectors to field groups changes: ``weighted`` (foreground-weighted mean of the windows),
 ``even`` at each ``--ridges`` value (the same, evened out over the field; see ``axis_weights``),
 and, for the default ridge, each ``--density`` weight (the field's evened foreground cover as
-one more profile feature). Grouping is `cellmi cluster`'s profile step with its defaults
+one more profile feature) and each ``--fg-powers`` power of the windows' foreground in their
+weight (0: not weighted by foreground). Grouping is `cellmi cluster`'s profile step with its defaults
 (spectral consensus on rank-scaled profiles, one group per sample), on all samples and on the
 held-out ones. Settings are chosen on development runs only (quality-protocol.md): pass folders
 of dev runs. Writes out/profiles[-tag].json and .md: per variant, the mean and minimum over runs
@@ -43,11 +44,13 @@ def evened_cover(table: pd.DataFrame, window: int, ridge: float) -> np.ndarray:
     return (pd.Series(weighted).groupby(codes, sort=True).sum().to_numpy() / full).astype(np.float32)
 
 
-def group(reps, split: str, how: str, ridge: float, density: float, cfg: ClusterSettings, focus) -> dict:
+def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
     """Image ARI and field NN accuracy of one split grouped from profiles of one recipe."""
+    _, how, ridge, density, power = recipe
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
     window = job.window_of(sub)
-    fields, profiles = field_profiles(sub.table, sub.features["dim"], how, density > 0, window, ridge)
+    table = sub.table.assign(fg_fraction=sub.table["fg_fraction"] ** power)
+    fields, profiles = field_profiles(table, sub.features["dim"], how, density > 0, window, ridge)
     if density > 0:
         profiles[:, -1] = evened_cover(sub.table, window, ridge)
     k = int(fields["sample"].nunique())
@@ -57,23 +60,24 @@ def group(reps, split: str, how: str, ridge: float, density: float, cfg: Cluster
     return {"image_ari": image, "nn_accuracy": job.retrieval_scores(model, profiles, fields)["nn_accuracy"]}
 
 
-def variants(ridges: list[float], densities: list[float]) -> list[tuple[str, str, float, float]]:
-    out = [("weighted", "weighted", EVEN_RIDGE, 0.0)]
-    out += [(f"even, ridge {r:g}", "even", r, 0.0) for r in ridges]
-    out += [(f"even, density {d:g}", "even", EVEN_RIDGE, d) for d in densities if d > 0]
+def variants(ridges: list[float], densities: list[float], powers: list[float]) -> list[tuple]:
+    """(name, aggregation, ridge, density weight, power of the windows' foreground in their weight)."""
+    out = [("weighted", "weighted", EVEN_RIDGE, 0.0, 1.0)]
+    out += [(f"even, ridge {r:g}", "even", r, 0.0, 1.0) for r in ridges]
+    out += [(f"even, density {d:g}", "even", EVEN_RIDGE, d, 1.0) for d in densities if d > 0]
+    out += [(f"even, foreground^{p:g}", "even", EVEN_RIDGE, 0.0, p) for p in powers if p != 1]
     return out
 
 
-def score_run(folder: Path, plan: list[tuple[str, str, float, float]]) -> dict[str, dict[str, float]]:
+def score_run(folder: Path, plan: list[tuple]) -> dict[str, dict[str, float]]:
     url = str(folder / "representations.zarr")
     reps = job.usable_windows(load_representations(url), url)
     cfg = ClusterSettings()
     focus = job.fields_focus(reps, cfg)
     out = {}
-    for name, how, ridge, density in plan:
-        whole = group(reps, "all", how, ridge, density, cfg, focus)
-        held = group(reps, "test", how, ridge, density, cfg, focus)
-        out[name] = dict(zip(SCORES, (whole["image_ari"], held["image_ari"], whole["nn_accuracy"]), strict=True))
+    for recipe in plan:
+        whole, held = (group(reps, split, recipe, cfg, focus) for split in ("all", "test"))
+        out[recipe[0]] = dict(zip(SCORES, (whole["image_ari"], held["image_ari"], whole["nn_accuracy"]), strict=True))
     return out
 
 
@@ -94,10 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tags", nargs="+", required=True, help="quality folders (out/quality-TAG) of finished runs")
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.12, 0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--density", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--fg-powers", type=float, nargs="+", default=[0.0, 0.5],
+                        help="powers of each window's foreground fraction in its weight (1: as cluster does)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--tag", default="", help="name of the report (out/profiles-TAG)")
     args = parser.parse_args(argv)
-    plan = variants(args.ridges, args.density)
+    plan = variants(args.ridges, args.density, args.fg_powers)
     runs = sorted(run for tag in args.tags for run in (args.out / f"quality-{tag}").glob("*")
                   if (run / "representations.zarr").exists())
     if not runs:

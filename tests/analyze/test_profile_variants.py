@@ -22,9 +22,11 @@ def test_every_variant_is_scored_on_every_run_and_held_out_runs_are_refused(tmp_
     for name, seed in (("dev-d1-s0-t0", 0), ("dev-d1-s1-t0", 1)):
         write_representations(str(tmp_path / "quality-t" / name / "representations.zarr"),
                               make_reps(str(tmp_path / "no-store.zarr"), seed=seed))
-    bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "2", "--density", "1", "--tag", "x"])
+    bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "2", "--density", "1", "--fg-powers", "0",
+             "--tag", "x"])
     report = json.loads((tmp_path / "profiles-x.json").read_text())
-    assert report["variants"] == ["weighted", "even, ridge 0.5", "even, ridge 2", "even, density 1"]
+    assert report["variants"] == ["weighted", "even, ridge 0.5", "even, ridge 2", "even, density 1",
+                                  "even, foreground^0"]
     assert sorted(report["runs"]) == ["quality-t/dev-d1-s0-t0", "quality-t/dev-d1-s1-t0"]
     for run in report["runs"].values():
         # the fixture's samples are well apart: every recipe groups them exactly
