@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cellmi.analyze import job
-from cellmi.analyze.profiles import EVEN_RIDGE, axis_weights, coverage_weights, field_profiles
+from cellmi.analyze.profiles import EVEN_RIDGE, axis_weights, coverage_weights, field_codes, field_profiles
 from cellmi.representations import load_representations
 from cellmi.settings import ClusterSettings
 
@@ -39,8 +39,7 @@ def evened_cover(table: pd.DataFrame, window: int, ridge: float) -> np.ndarray:
     whole window grid, windows inference dropped as background counting as empty."""
     full = np.prod([axis_weights(np.unique(table[axis]), window, ridge).sum() for axis in ("y", "x")])
     weighted = coverage_weights(table, window, ridge) * table["fg_fraction"].to_numpy(np.float64)
-    keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
-    codes, _ = pd.factorize(keys, sort=True)
+    codes, _ = field_codes(table)
     return (pd.Series(weighted).groupby(codes, sort=True).sum().to_numpy() / full).astype(np.float32)
 
 
@@ -113,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{heldout[0]}: a held-out run; choose profile settings on development runs only")
     results = {}
     for run in runs:
-        results[f"{run.parent.name}/{run.name}"] = score_run(run, plan)
-        print(run.name, json.dumps({k: round(v["all-sample image ARI"], 3) for k, v in results[
-            f"{run.parent.name}/{run.name}"].items()}), flush=True, file=sys.stderr)
+        scored = results[f"{run.parent.name}/{run.name}"] = score_run(run, plan)
+        print(run.name, json.dumps({k: round(v["all-sample image ARI"], 3) for k, v in scored.items()}),
+              flush=True, file=sys.stderr)
     name = "profiles" + (f"-{args.tag}" if args.tag else "")
     markdown = table(results, plan)
     (args.out / f"{name}.json").write_text(json.dumps({"variants": [p[0] for p in plan], "runs": results}, indent=2))

@@ -156,10 +156,11 @@ def seed_from(source: Path, workdir: Path) -> None:
     source is never changed), its top-level records and logs copied."""
     if not (source / RECORD).exists() or not json.loads((source / RECORD).read_text()).get("finished"):
         raise SystemExit(f"{source}: no finished run to reuse")
-    shutil.copytree(source, workdir, copy_function=os.link, ignore=lambda folder, names: [
-        n for n in names if folder == str(source) and n.endswith((".json", ".log"))])
-    for item in source.iterdir():
-        if item.is_file() and item.name.endswith((".json", ".log")) and item.name != RECORD:
+    records = [item for item in source.iterdir() if item.is_file() and item.name.endswith((".json", ".log"))]
+    shutil.copytree(source, workdir, copy_function=os.link,
+                    ignore=lambda folder, names: [item.name for item in records] if folder == str(source) else [])
+    for item in records:
+        if item.name != RECORD:
             shutil.copy2(item, workdir / item.name)
 
 

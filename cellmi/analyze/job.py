@@ -200,6 +200,13 @@ def aggregation(how: str, window: int | None) -> str:
     return how
 
 
+def profiles_of(
+    table: pd.DataFrame, x: np.ndarray, how: str, density: bool, window: int | None
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """``field_profiles`` with aggregation ``how`` as far as the window edge allows."""
+    return field_profiles(table, x, aggregation(how, window), density, window)
+
+
 def phenotype_map(reps: Representations) -> dict[str, str]:
     return {str(k): str(v) for k, v in (reps.attrs.get("phenotypes") or {}).items()}
 
@@ -329,8 +336,7 @@ def cluster_fields(
     window: int | None,
 ) -> tuple[pd.DataFrame, np.ndarray, ProfileModel]:
     """Vote and profile labels per field; profile ids are aligned to the vote's ids."""
-    how = aggregation(cfg.aggregate, window)
-    fields, profiles = field_profiles(table, x, how, cfg.profile_density > 0, window)
+    fields, profiles = profiles_of(table, x, cfg.aggregate, cfg.profile_density > 0, window)
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
     model, plabels = fit_field_clusters(fields, profiles, cfg, k, focus)
@@ -410,9 +416,8 @@ def profile_split(
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
     if sub.table["sample"].nunique() < 2:
         return None
-    window = window_of(sub)
-    how = aggregation(cfg.aggregate, window)
-    fields, profiles = field_profiles(sub.table, sub.features[name], how, cfg.profile_density > 0, window)
+    fields, profiles = profiles_of(sub.table, sub.features[name], cfg.aggregate, cfg.profile_density > 0,
+                                   window_of(sub))
     k = int(fields["sample"].nunique())
     model, labels = fit_field_clusters(fields, profiles, cfg, k, focus)
     fields["cluster_profile"] = labels
@@ -867,8 +872,7 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     labels, prob = most_probable(proba)
     model: ProfileModel = bundle["profiles"]
     window = window_of(reps) or bundle.get("window")  # a Parquet table does not record it; the fit did
-    fields, profiles = field_profiles(reps.table, x, aggregation(bundle["aggregate"], window),
-                                      model.weights is not None, window)
+    fields, profiles = profiles_of(reps.table, x, bundle["aggregate"], model.weights is not None, window)
     votes = vote(reps.table, labels).rename(columns={"cluster": "cluster_vote"}).drop(columns="n_windows")
     fields = fields.merge(votes, on=["sample", "field"], how="left", validate="1:1")
     fields["cluster_profile"] = assign_profiles(model, profiles)

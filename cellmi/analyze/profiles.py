@@ -57,6 +57,12 @@ def coverage_weights(table: pd.DataFrame, window: int, ridge: float = EVEN_RIDGE
     return weights[0] * weights[1]
 
 
+def field_codes(table: pd.DataFrame) -> tuple[np.ndarray, pd.Index]:
+    """Each window's field as a code (fields sorted by sample, then field) and the fields' keys."""
+    keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
+    return pd.factorize(keys, sort=True)
+
+
 def field_profiles(
     table: pd.DataFrame, x: np.ndarray, how: str = "mean", density: bool = False, window: int | None = None,
     ridge: float = EVEN_RIDGE,
@@ -72,8 +78,7 @@ def field_profiles(
     densely cells cover it) and their profiles (n_fields, F) float32, or (n_fields, F + 1) with
     ``density``, the last column then ``fg_share``.
     """
-    keys = table["sample"].astype(str) + "\x00" + table["field"].astype(str)
-    codes, uniques = pd.factorize(keys, sort=True)
+    codes, uniques = field_codes(table)
     values = np.asarray(x, np.float64)
     if how in ("weighted", "even"):
         weight = np.maximum(table["fg_fraction"].to_numpy(np.float64), 1e-6)[:, None]
