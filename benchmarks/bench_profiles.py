@@ -3,16 +3,17 @@
     python benchmarks/bench_profiles.py --tags blur35 blur35-d34          # development runs only
     python benchmarks/bench_profiles.py --tags blur35 --ridges 0.25 0.5 1 --density 0 1 2
 
-The encoder, the data and the vectors stay as each run left them; only the step from window
-vectors to field groups changes: ``weighted`` (foreground-weighted mean of the windows),
-``even`` at each ``--ridges`` value (the same, evened out over the field; see ``axis_weights``),
-and, for the default ridge, each ``--density`` weight (the field's evened foreground cover as
-one more profile feature) and each ``--fg-powers`` power of the windows' foreground in their
-weight (0: not weighted by foreground). Grouping is `cellmi cluster`'s profile step with its defaults
-(spectral consensus on rank-scaled profiles, one group per sample), on all samples and on the
-held-out ones. Settings are chosen on development runs only (quality-protocol.md): pass folders
-of dev runs. Writes out/profiles[-tag].json and .md: per variant, the mean and minimum over runs
-of all-sample image ARI, held-out image ARI and all-sample field nearest-neighbour accuracy.
+The encoder, the data and the vectors stay as each run left them; only the step from window vectors
+to field groups changes: ``weighted`` (foreground-weighted mean of the windows), ``even`` at each
+``--ridges`` value (the same, evened out over the field; see ``axis_weights``), and, for the default
+ridge, each ``--density`` weight (the field's cover, the share of it in its foreground mask, as one
+more profile feature; the others leave it out) and each ``--fg-powers`` power of the windows'
+foreground in their weight (0: not weighted by foreground). Grouping is `cellmi cluster`'s profile
+step with its defaults (spectral consensus on rank-scaled profiles, one group per sample), on all
+samples and on the held-out ones. Settings are chosen on development runs only
+(quality-protocol.md): pass folders of dev runs. Writes out/profiles[-tag].json and .md: per
+variant, the mean and minimum over runs of all-sample image ARI, held-out image ARI and all-sample
+field nearest-neighbour accuracy.
 """
 
 from __future__ import annotations
@@ -23,24 +24,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from cellmi.analyze import job
-from cellmi.analyze.profiles import EVEN_RIDGE, axis_weights, coverage_weights, field_codes, field_profiles
+from cellmi.analyze.profiles import EVEN_RIDGE, field_profiles
 from cellmi.representations import load_representations
 from cellmi.settings import ClusterSettings
 
 OUT = Path(__file__).resolve().parent / "out"
 SCORES = ("all-sample image ARI", "held-out image ARI", "all-sample field NN accuracy")
-
-
-def evened_cover(table: pd.DataFrame, window: int, ridge: float) -> np.ndarray:
-    """Per field (sorted as ``field_profiles`` sorts them): the evened mean foreground over the
-    whole window grid, windows inference dropped as background counting as empty."""
-    full = np.prod([axis_weights(np.unique(table[axis]), window, ridge).sum() for axis in ("y", "x")])
-    weighted = coverage_weights(table, window, ridge) * table["fg_fraction"].to_numpy(np.float64)
-    codes, _ = field_codes(table)
-    return (pd.Series(weighted).groupby(codes, sort=True).sum().to_numpy() / full).astype(np.float32)
 
 
 def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
@@ -50,8 +41,6 @@ def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
     window = job.window_of(sub)
     table = sub.table.assign(fg_fraction=sub.table["fg_fraction"] ** power)
     fields, profiles = field_profiles(table, sub.features["dim"], how, density > 0, window, ridge)
-    if density > 0:
-        profiles[:, -1] = evened_cover(sub.table, window, ridge)
     k = int(fields["sample"].nunique())
     model, labels = job.fit_field_clusters(fields, profiles, cfg.model_copy(update={"profile_density": density}),
                                            k, focus)
@@ -70,7 +59,7 @@ def variants(ridges: list[float], densities: list[float], powers: list[float]) -
 
 def score_run(folder: Path, plan: list[tuple]) -> dict[str, dict[str, float]]:
     url = str(folder / "representations.zarr")
-    reps = job.usable_windows(load_representations(url), url)
+    reps = job.with_cover(job.usable_windows(load_representations(url), url), from_store=True)
     cfg = ClusterSettings()
     focus = job.fields_focus(reps, cfg)
     out = {}
@@ -96,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tags", nargs="+", required=True, help="quality folders (out/quality-TAG) of finished runs")
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.12, 0.25, 0.5, 1.0, 2.0])
-    parser.add_argument("--density", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--density", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--fg-powers", type=float, nargs="+", default=[0.0, 0.5],
                         help="powers of each window's foreground fraction in its weight (1: as cluster does)")
     parser.add_argument("--out", type=Path, default=OUT)

@@ -5,7 +5,8 @@
     attributes["cellmi"]   {"complete", "window", "stride", "feature_sets", "handcrafted_names",
                             "checkpoint", "checkpoint_sha256", "store", "settings", "cellmi_version",
                             "phenotypes", "field_metadata",
-                            "focus": {sample: {field: focus score or null}}}
+                            "focus": {sample: {field: focus score or null}},
+                            "cover": {sample: {field: share of the field in its foreground mask}}}
     sample, field, split   (n,) str       one row per window, sorted by (sample, field, y, x)
     y, x                   (n,) int32     top-left corner of the window in the field
     fg_fraction            (n,) float32   foreground share of the window

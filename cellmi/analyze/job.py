@@ -11,9 +11,11 @@ Reads ``{workdir}/representations.zarr`` and writes ``{workdir}/analysis/`` (loc
                               [Metadata_phenotype], cluster, probability, umap_0.., and the
                               baselines' window clusters cluster_random, cluster_handcrafted
     clusters_images.parquet   one row per field: Metadata_sample, Metadata_field, Metadata_split,
-                              [Metadata_phenotype], n_windows, fg_share, cluster (the default labels, see
-                              cluster.image_labels), share (majority share of the window vote),
-                              cluster_vote, cluster_profile (aligned to the vote's cluster ids)
+                              [Metadata_phenotype], n_windows, fg_share (mean foreground of the kept
+                              windows), cover (share of the field in its foreground mask), cluster
+                              (the default labels, see cluster.image_labels), share (majority share of
+                              the window vote), cluster_vote, cluster_profile (aligned to the vote's
+                              cluster ids), focus, blurred
     metrics.json              metrics[feature_set][split][score] for feature sets dim, random,
                               handcrafted; scores in SCORE_KEYS (null where not computed). The
                               chosen split has every score; the other splits ("all" always) only
@@ -253,6 +255,30 @@ class Clustering:
     bic: dict[int, float]
 
 
+def with_cover(reps: Representations, from_store: bool) -> Representations:
+    """``reps`` with a ``cover`` column: the share of each window's field that its foreground mask
+    covers, as inference measured it or (``from_store``) from the image store for representations
+    made before it did. Unchanged where neither is at hand (field profiles then use the windows'
+    foreground share)."""
+    pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates().itertuples(index=False, name=None)
+    pairs = list(pairs)
+    measured = reps.attrs.get("cover") or {}
+    if all(measured.get(s, {}).get(f) is not None for s, f in pairs):
+        cover = {(s, f): float(measured[s][f]) for s, f in pairs}
+    elif not from_store:
+        return reps
+    else:
+        try:
+            store = open_store(str(reps.attrs["store"]))
+            cover = {(s, f): float(store.read_mask(s, f).mean()) for s, f in pairs}
+        except (UserError, OSError, KeyError) as err:
+            log.warning("cluster: field cover from the windows' foreground share (image store unavailable: %s)", err)
+            return reps
+    index = pd.MultiIndex.from_arrays([reps.table["sample"].astype(str), reps.table["field"].astype(str)])
+    table = reps.table.assign(cover=pd.Series(cover).reindex(index).to_numpy(np.float32))
+    return Representations(table, reps.features, reps.attrs)
+
+
 def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
     """Focus score of every field of the representations (none when QC is off): as inference measured
     it, or, for representations without it, from their image store."""
@@ -459,12 +485,13 @@ def window_frame(
 
 def image_frame(fields: pd.DataFrame, default: str, phen: dict[str, str],
                 fmeta: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
-    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, fg_share, cluster,
-    share, cluster_vote, cluster_profile, focus, blurred."""
+    """One row per field: Metadata_* columns (plate, well, plate map too), n_windows, fg_share, cover,
+    cluster, share, cluster_vote, cluster_profile, focus, blurred."""
     data = _meta(fields, phen, ("sample", "field", "split"), fmeta)
     data.update(
         n_windows=fields["n_windows"].to_numpy(),
         fg_share=fields["fg_share"].to_numpy(),
+        cover=fields["cover"].to_numpy() if "cover" in fields else np.nan,
         cluster=fields[f"cluster_{default}"].to_numpy(),
         share=fields["share"].to_numpy(),
         cluster_vote=fields["cluster_vote"].to_numpy(),
@@ -714,7 +741,7 @@ def run_analysis(settings: Settings) -> dict[str, Any]:
     cfg, timings = settings.cluster, {}
     url, out = join(settings.workdir, REPR_ZARR), join(settings.workdir, ANALYSIS)
     with timed("load", timings):
-        reps = usable_windows(load_representations(url), url)
+        reps = with_cover(usable_windows(load_representations(url), url), cfg.profile_density > 0)
     primary = split_rows(reps, cfg.split, url)
     k = cfg.n_clusters or int(primary.table["sample"].nunique())
     with timed("focus", timings):
@@ -861,7 +888,7 @@ def apply_saved(settings: Settings) -> dict[str, Any]:
     out = join(settings.workdir, ANALYSIS)
     bundle = load_model(join(out, MODEL_FILE))
     url = str(settings.cluster.apply_to)
-    reps = usable_windows(load_input(url), url)
+    reps = with_cover(usable_windows(load_input(url), url), bundle["profiles"].weights is not None)
     x = reps.features[bundle["feature_set"]]
     if x.shape[1] != bundle["feature_dim"]:
         raise UserError(

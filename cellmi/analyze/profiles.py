@@ -72,11 +72,13 @@ def field_profiles(
     ``even`` (weighted, and each window's weight also times ``coverage_weights`` for windows of
     edge ``window``, so that every part of the field has about the same say).
 
-    ``table`` has one row per window with ``sample``, ``field``, ``split`` and ``fg_fraction``.
+    ``table`` has one row per window with ``sample``, ``field``, ``split`` and ``fg_fraction``, and
+    may have ``cover``: the share of the window's field that its foreground mask covers.
     Returns the fields (one row each, sorted by sample then field: ``sample, field, split,
-    n_windows, fg_share``, the last the mean foreground fraction of the field's windows: how
-    densely cells cover it) and their profiles (n_fields, F) float32, or (n_fields, F + 1) with
-    ``density``, the last column then ``fg_share``.
+    n_windows, fg_share[, cover]``, ``fg_share`` the mean foreground fraction of the field's kept
+    windows) and their profiles (n_fields, F) float32, or (n_fields, F + 1) with ``density``, the
+    last column then the field's ``cover`` (``fg_share`` where the table has no cover: a rougher
+    measure of density, as windows of little foreground were dropped before).
     """
     codes, uniques = field_codes(table)
     values = np.asarray(x, np.float64)
@@ -103,8 +105,11 @@ def field_profiles(
             "fg_share": share.astype(np.float32),
         }
     )
+    if "cover" in table:
+        fields["cover"] = table["cover"].to_numpy(np.float32)[first]
     if density:
-        profiles = np.concatenate([profiles, share[:, None].astype(np.float32)], axis=1)
+        measure = fields["cover"] if "cover" in fields else fields["fg_share"]
+        profiles = np.concatenate([profiles, measure.to_numpy(np.float32)[:, None]], axis=1)
     return fields, profiles
 
 

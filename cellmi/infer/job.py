@@ -278,15 +278,17 @@ def assemble(plan: Plan, results: dict[str, FieldResult]) -> Representations:
         for k in ("dim", "random", "handcrafted")
     }
     order = sort_order(table)
-    attrs = dict(plan.attrs, focus=focus_table(parts))
+    attrs = dict(plan.attrs, focus=field_table(parts, "focus"), cover=field_table(parts, "cover"))
     return Representations(table.iloc[order].reset_index(drop=True), {k: v[order] for k, v in features.items()}, attrs)
 
 
-def focus_table(parts: list[FieldResult]) -> dict[str, dict[str, float | None]]:
-    """{sample: {field: focus score}} of the fields (None where not measured: no foreground)."""
+def field_table(parts: list[FieldResult], measure: str) -> dict[str, dict[str, float | None]]:
+    """{sample: {field: value}} of one per-field measure (``focus`` or ``cover``; None where not
+    measured: no foreground, or parts written before the measure existed)."""
     out: dict[str, dict[str, float | None]] = {}
     for part in parts:
-        out.setdefault(part.sample, {})[part.field] = None if np.isnan(part.focus) else float(part.focus)
+        value = float(getattr(part, measure))
+        out.setdefault(part.sample, {})[part.field] = None if np.isnan(value) else value
     return out
 
 

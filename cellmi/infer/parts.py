@@ -41,7 +41,8 @@ MANIFEST = "manifest.json"
 @dataclass
 class FieldResult:
     """The kept windows of one field: corners (n,) y and x, (n,) fg fraction and background flag,
-    feature matrices (n, D) by feature-set name, and the field's focus score (NaN: not measured)."""
+    feature matrices (n, D) by feature-set name, the field's focus score and the share of its pixels
+    in the foreground mask (NaN: not measured)."""
 
     sample: str
     field: str
@@ -51,6 +52,7 @@ class FieldResult:
     background: np.ndarray
     features: dict[str, np.ndarray] = field(default_factory=dict)
     focus: float = float("nan")
+    cover: float = float("nan")
 
     @property
     def name(self) -> str:
@@ -66,6 +68,7 @@ def pack(results: list[FieldResult]) -> bytes:
         sample=np.array([r.sample for r in results]),
         field=np.array([r.field for r in results]),
         focus=np.array([r.focus for r in results], np.float64),
+        cover=np.array([r.cover for r in results], np.float64),
         offsets=np.cumsum([0] + [len(r.y) for r in results]),
         y=np.concatenate([r.y for r in results]),
         x=np.concatenate([r.x for r in results]),
@@ -97,6 +100,7 @@ def unpack(data: bytes) -> list[FieldResult]:
                 arrays["background"][rows],
                 {k.removeprefix("feature_"): arrays[k][rows] for k in names},
                 float(arrays["focus"][i]),
+                float(arrays["cover"][i]) if "cover" in arrays else float("nan"),
             )
         )
     return out

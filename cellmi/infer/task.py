@@ -91,7 +91,8 @@ def _store(url: str, run_id: str) -> ImageStore:
 @dataclass
 class Prepared:
     """One field read and ready to embed: normalised pixels (C, Y, X) float32, mask (Y, X), the kept
-    windows' corners (n, 2) and foreground fractions (n,), their hand-crafted features, the focus score."""
+    windows' corners (n, 2) and foreground fractions (n,), their hand-crafted features, the focus score
+    and the share of the field's pixels in its foreground mask (how much of it cells cover)."""
 
     sample: str
     field: str
@@ -101,6 +102,7 @@ class Prepared:
     fg: np.ndarray
     handcrafted: np.ndarray
     focus: float
+    cover: float
 
 
 def prepare_field(job: InferJob, store: ImageStore, sample: str, field: str) -> Prepared:
@@ -115,7 +117,7 @@ def prepare_field(job: InferJob, store: ImageStore, sample: str, field: str) -> 
     norm = store.normalise(raw, mask)
     handcrafted = window_features(raw, norm, mask, corners, job.window)
     focus = focus_score(np.log1p(raw[0].astype(np.float32)), mask)
-    return Prepared(sample, field, norm, mask, corners, fg, handcrafted, focus)
+    return Prepared(sample, field, norm, mask, corners, fg, handcrafted, focus, float(mask.mean()))
 
 
 def result_of(job: InferJob, field: Prepared, dim: np.ndarray, random: np.ndarray) -> FieldResult:
@@ -128,6 +130,7 @@ def result_of(job: InferJob, field: Prepared, dim: np.ndarray, random: np.ndarra
         field.fg < job.min_foreground,
         {"dim": dim, "random": random, "handcrafted": field.handcrafted},
         field.focus,
+        field.cover,
     )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from cellmi.analyze.focus import field_focus, focus_score, sharp_fields
-from cellmi.analyze.job import fields_focus
+from cellmi.analyze.job import fields_focus, with_cover
 from cellmi.data.masks import foreground_mask
 from cellmi.data.synth import synth_field
 from cellmi.settings import ClusterSettings
@@ -61,3 +62,28 @@ def test_the_cluster_job_takes_the_focus_inference_measured(tmp_path):
     reps.attrs["store"] = store_url
     del measured["S00"]["1"]
     assert fields_focus(reps, ClusterSettings()) == from_store
+
+
+def test_the_cluster_job_takes_the_cover_inference_measured_else_the_stores_masks(tmp_path, caplog):
+    store_url = join(str(tmp_path), "store.zarr")
+    make_store(store_url)
+    reps = make_reps(store_url)
+    store = open_store(store_url)
+    pairs = reps.table[["sample", "field"]].drop_duplicates().itertuples(index=False, name=None)
+    masks = {(s, f): float(store.read_mask(s, f).mean()) for s, f in pairs}
+    assert len(set(masks.values())) > 1
+
+    def per_window(r):
+        return dict(zip(zip(r.table["sample"], r.table["field"], strict=True), r.table["cover"], strict=True))
+
+    assert "cover" not in with_cover(reps, from_store=False).table  # no measure, not asked to read
+    assert per_window(with_cover(reps, from_store=True)) == pytest.approx(masks)
+    measured = {}
+    for (s, f), v in masks.items():
+        measured.setdefault(s, {})[f] = v / 2
+    reps.attrs.update(cover=measured, store=join(str(tmp_path), "gone.zarr"))  # the store is not read
+    assert per_window(with_cover(reps, from_store=True)) == pytest.approx({k: v / 2 for k, v in masks.items()})
+    del measured["S00"]["1"]
+    with caplog.at_level("WARNING"):
+        assert "cover" not in with_cover(reps, from_store=True).table
+    assert "image store unavailable" in caplog.text

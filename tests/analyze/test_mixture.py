@@ -83,6 +83,9 @@ def test_field_profiles_mean_and_median():
     np.testing.assert_allclose(weighted, [[3.3, 4.5], [1.0, 1.0]], rtol=1e-6)
     _, dense = field_profiles(table, x, "weighted", density=True)
     np.testing.assert_allclose(dense, [[3.3, 4.5, 1.0 / 3], [1.0, 1.0, 0.5]], rtol=1e-6)
+    covered, dense = field_profiles(table.assign(cover=[0.7, 0.2, 0.2, 0.2]), x, "weighted", density=True)
+    np.testing.assert_allclose(covered["cover"], [0.2, 0.7])  # the mask's cover, not the windows' mean
+    np.testing.assert_allclose(dense, [[3.3, 4.5, 0.2], [1.0, 1.0, 0.7]], rtol=1e-6)
 
 
 def _coverage(starts: np.ndarray, window: int, weights: np.ndarray) -> np.ndarray:

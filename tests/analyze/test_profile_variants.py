@@ -37,11 +37,3 @@ def test_every_variant_is_scored_on_every_run_and_held_out_runs_are_refused(tmp_
     with pytest.raises(SystemExit, match="held-out run"):
         bp.main(["--tags", "t", "--out", str(tmp_path)])
 
-
-def test_evened_cover_counts_dropped_windows_as_empty():
-    reps = make_reps("unused")  # 4 x 4 windows of 32 px per field, each half foreground
-    table = reps.table
-    full = bp.evened_cover(table, 32, 0.5)
-    assert full == pytest.approx(0.5)
-    kept = table[~((table["y"] == 0) & (table["x"] == 0))]  # one window of 16 dropped
-    assert bp.evened_cover(kept, 32, 0.5) == pytest.approx(0.5 * 15 / 16)

@@ -132,6 +132,9 @@ def test_dask_result_equals_in_process_result(tmp_path):
     store = open_store(join(workdir, "store.zarr"))  # each field's focus score, as the cluster job measured it
     focus = {(s, f): v for s, fields in attrs["focus"].items() for f, v in fields.items()}
     assert focus == pytest.approx(field_focus(store, store.meta.images())) and len(focus) == SAMPLES * FIELDS
+    cover = {(s, f): v for s, fields in attrs["cover"].items() for f, v in fields.items()}
+    assert cover == pytest.approx({(s, f): store.read_mask(s, f).mean() for s, f in store.meta.images()})
+    assert len(set(cover.values())) > 1
     frame = read_parquet(join(workdir, "representations.parquet"))
     assert frame["Metadata_sample"].tolist() == got.table["sample"].tolist()
     assert {"Metadata_fg_fraction", "Metadata_split", "Metadata_phenotype"} <= set(frame.columns)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from cellmi.errors import UserError
-from cellmi.infer.parts import FieldResult, done_names, read_parts, unpack, write_parts
+from cellmi.infer.parts import FieldResult, done_names, pack, read_parts, unpack, write_parts
 from cellmi.store import filesystem, join
 
 
-def _result(sample: str, field: str, rows: int, seed: int, focus: float = 0.5) -> FieldResult:
+def _result(sample: str, field: str, rows: int, seed: int, focus: float = 0.5, cover: float = 0.3) -> FieldResult:
     rng = np.random.default_rng(seed)
     return FieldResult(
         sample,
@@ -24,6 +24,7 @@ def _result(sample: str, field: str, rows: int, seed: int, focus: float = 0.5) -
         rng.random(rows) < 0.2,
         {"dim": rng.normal(size=(rows, 6)).astype(np.float32), "handcrafted": rng.normal(size=(rows, 4))},
         focus,
+        cover + seed / 100,
     )
 
 
@@ -34,7 +35,8 @@ def _same(a: FieldResult, b: FieldResult) -> None:
     assert a.features.keys() == b.features.keys()
     for key in a.features:
         np.testing.assert_array_equal(a.features[key], b.features[key], err_msg=key)
-    assert a.focus == b.focus or (np.isnan(a.focus) and np.isnan(b.focus))
+    for name in ("focus", "cover"):
+        assert getattr(a, name) == getattr(b, name) or np.isnan([getattr(a, name), getattr(b, name)]).all(), name
 
 
 def _roundtrip(url: str) -> None:
@@ -72,7 +74,7 @@ def test_a_part_that_does_not_match_its_marker_is_refused(tmp_path):
 
 def test_the_one_field_layout_of_earlier_runs_is_still_read():
     """Parts of an interrupted run written before tasks shared a file: one field, no offsets."""
-    want = _result("S00", "1", 3, 0, float("nan"))
+    want = _result("S00", "1", 3, 0, float("nan"), float("nan"))
     buffer = io.BytesIO()
     np.savez(
         buffer,
@@ -86,3 +88,13 @@ def test_the_one_field_layout_of_earlier_runs_is_still_read():
     )
     (got,) = unpack(buffer.getvalue())
     _same(got, want)
+
+
+def test_parts_written_before_the_cover_was_measured_read_it_as_missing():
+    buffer = io.BytesIO(pack([_result("S00", "1", 3, 0)]))
+    with np.load(buffer) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "cover"}
+    older = io.BytesIO()
+    np.savez(older, **arrays)
+    (got,) = unpack(older.getvalue())
+    assert got.focus == 0.5 and np.isnan(got.cover)
