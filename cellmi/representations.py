@@ -17,8 +17,9 @@
 
 ``{workdir}/representations.parquet`` holds the same rows for pandas/pycytominer users:
 ``Metadata_sample, Metadata_field, Metadata_y, Metadata_x, Metadata_fg_fraction,
-Metadata_split, Metadata_background[, Metadata_phenotype]``, the fields' own ``Metadata_*`` columns
-(plate, well, plate map) and DIM features ``f000 ...``.
+Metadata_split, Metadata_background[, Metadata_phenotype][, Metadata_field_cover]`` (the last the
+window's field's cover, as in the attributes), the fields' own ``Metadata_*`` columns (plate,
+well, plate map) and DIM features ``f000 ...``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ def to_frame(reps: Representations, feature_set: str = "dim") -> pd.DataFrame:
     phenotypes = reps.attrs.get("phenotypes") or {}
     if phenotypes:
         meta["Metadata_phenotype"] = reps.table["sample"].map(phenotypes).to_numpy()
+    cover = reps.attrs.get("cover") or {}
+    if cover:
+        keys = zip(reps.table["sample"].astype(str), reps.table["field"].astype(str), strict=True)
+        meta["Metadata_field_cover"] = np.array([cover.get(s, {}).get(f) for s, f in keys], np.float64)
     meta.update(field_columns(reps.table, reps.attrs.get("field_metadata")))
     matrix = reps.features[feature_set]
     width = max(3, len(str(matrix.shape[1] - 1)))

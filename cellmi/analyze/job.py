@@ -158,6 +158,8 @@ def load_input(url: str) -> Representations:
             f"{url}: not a representations table (missing {missing or 'feature columns f000...'})"
         )
     table = pd.DataFrame({k: frame[v].to_numpy() for k, v in meta.items()})
+    if "Metadata_field_cover" in frame.columns:
+        table["cover"] = frame["Metadata_field_cover"].to_numpy(np.float32)
     return Representations(table, {"dim": frame[feats].to_numpy(np.float32)}, {})
 
 
@@ -258,10 +260,11 @@ class Clustering:
 def with_cover(reps: Representations, from_store: bool) -> Representations:
     """``reps`` with a ``cover`` column: the share of each window's field that its foreground mask
     covers, as inference measured it or (``from_store``) from the image store for representations
-    made before it did. Unchanged where neither is at hand (field profiles then use the windows'
-    foreground share)."""
-    pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates().itertuples(index=False, name=None)
-    pairs = list(pairs)
+    made before it did. Unchanged where the table has it already (read from a Parquet table) or
+    where neither is at hand (field profiles then use the windows' foreground share)."""
+    if "cover" in reps.table and np.isfinite(reps.table["cover"].to_numpy(np.float64)).all():
+        return reps
+    pairs = list(reps.table[["sample", "field"]].astype(str).drop_duplicates().itertuples(index=False, name=None))
     measured = reps.attrs.get("cover") or {}
     if all(measured.get(s, {}).get(f) is not None for s, f in pairs):
         cover = {(s, f): float(measured[s][f]) for s, f in pairs}

@@ -7,9 +7,10 @@ import pytest
 from scipy import ndimage as ndi
 
 from cellmi.analyze.focus import field_focus, focus_score, sharp_fields
-from cellmi.analyze.job import fields_focus, with_cover
+from cellmi.analyze.job import fields_focus, load_input, with_cover
 from cellmi.data.masks import foreground_mask
 from cellmi.data.synth import synth_field
+from cellmi.representations import to_frame, write_parquet
 from cellmi.settings import ClusterSettings
 from cellmi.store import join, open_store
 
@@ -83,6 +84,10 @@ def test_the_cluster_job_takes_the_cover_inference_measured_else_the_stores_mask
         measured.setdefault(s, {})[f] = v / 2
     reps.attrs.update(cover=measured, store=join(str(tmp_path), "gone.zarr"))  # the store is not read
     assert per_window(with_cover(reps, from_store=True)) == pytest.approx({k: v / 2 for k, v in masks.items()})
+    table = str(tmp_path / "windows.parquet")  # a Parquet table carries the cover with every window
+    write_parquet(table, to_frame(reps))
+    assert per_window(with_cover(load_input(table), from_store=True)) == pytest.approx(
+        {k: v / 2 for k, v in masks.items()})
     del measured["S00"]["1"]
     with caplog.at_level("WARNING"):
         assert "cover" not in with_cover(reps, from_store=True).table

@@ -138,6 +138,8 @@ def test_dask_result_equals_in_process_result(tmp_path):
     frame = read_parquet(join(workdir, "representations.parquet"))
     assert frame["Metadata_sample"].tolist() == got.table["sample"].tolist()
     assert {"Metadata_fg_fraction", "Metadata_split", "Metadata_phenotype"} <= set(frame.columns)
+    keys = zip(frame["Metadata_sample"], frame["Metadata_field"], strict=True)
+    np.testing.assert_allclose(frame["Metadata_field_cover"], [cover[k] for k in keys], rtol=1e-6)
     np.testing.assert_array_equal(frame[[f"f{i:03d}" for i in range(6)]].to_numpy(), got.features["dim"])
     assert not exists(join(workdir, PARTS_NAME))
     with pytest.raises(UserError, match="already exist; pass --force"):
