@@ -45,7 +45,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +94,7 @@ from cellmi.representations import (
     write_parquet,
 )
 from cellmi.settings import ClusterSettings, Settings, as_dict
-from cellmi.store import exists, join, open_store, read_bytes, remove, write_bytes_atomic
+from cellmi.store import ImageStore, exists, join, open_store, read_bytes, remove, write_bytes_atomic
 from cellmi.watchdog import dask_config
 
 ANALYSIS = "analysis"
@@ -257,6 +257,35 @@ class Clustering:
     bic: dict[int, float]
 
 
+Measure = Callable[[ImageStore, list[tuple[str, str]]], dict[tuple[str, str], float]]
+
+
+def field_measure(
+    reps: Representations, name: str, measure: Measure | None, without: str, none_is_nan: bool = True
+) -> dict[tuple[str, str], float] | None:
+    """Each field's ``name`` (``focus``, ``cover``) as inference recorded it in the representations'
+    attributes, or, where it did not for every field, ``measure`` on their image store. None where
+    ``measure`` is None or the store is unavailable (a warning then says what the job does
+    ``without`` it). A recorded null is NaN with ``none_is_nan`` (nothing to measure) and counts as
+    not recorded otherwise."""
+    pairs = list(reps.table[["sample", "field"]].astype(str).drop_duplicates().itertuples(index=False, name=None))
+    recorded = reps.attrs.get(name) or {}
+    if all(f in recorded.get(s, {}) and (none_is_nan or recorded[s][f] is not None) for s, f in pairs):
+        return {(s, f): np.nan if recorded[s][f] is None else float(recorded[s][f]) for s, f in pairs}
+    if measure is None:
+        return None
+    try:
+        return measure(open_store(str(reps.attrs["store"])), pairs)
+    except (UserError, OSError, KeyError) as err:
+        log.warning("cluster: %s (image store unavailable: %s)", without, err)
+        return None
+
+
+def mask_cover(store: ImageStore, fields: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """Share of each (sample, field) of the store in its foreground mask."""
+    return {(s, f): float(store.read_mask(s, f).mean()) for s, f in fields}
+
+
 def with_cover(reps: Representations, from_store: bool) -> Representations:
     """``reps`` with a ``cover`` column: the share of each window's field that its foreground mask
     covers, as inference measured it or (``from_store``) from the image store for representations
@@ -264,19 +293,10 @@ def with_cover(reps: Representations, from_store: bool) -> Representations:
     where neither is at hand (field profiles then use the windows' foreground share)."""
     if "cover" in reps.table and np.isfinite(reps.table["cover"].to_numpy(np.float64)).all():
         return reps
-    pairs = list(reps.table[["sample", "field"]].astype(str).drop_duplicates().itertuples(index=False, name=None))
-    measured = reps.attrs.get("cover") or {}
-    if all(measured.get(s, {}).get(f) is not None for s, f in pairs):
-        cover = {(s, f): float(measured[s][f]) for s, f in pairs}
-    elif not from_store:
+    cover = field_measure(reps, "cover", mask_cover if from_store else None,
+                          "field cover from the windows' foreground share", none_is_nan=False)
+    if cover is None:
         return reps
-    else:
-        try:
-            store = open_store(str(reps.attrs["store"]))
-            cover = {(s, f): float(store.read_mask(s, f).mean()) for s, f in pairs}
-        except (UserError, OSError, KeyError) as err:
-            log.warning("cluster: field cover from the windows' foreground share (image store unavailable: %s)", err)
-            return reps
     index = pd.MultiIndex.from_arrays([reps.table["sample"].astype(str), reps.table["field"].astype(str)])
     table = reps.table.assign(cover=pd.Series(cover).reindex(index).to_numpy(np.float32))
     return Representations(table, reps.features, reps.attrs)
@@ -287,18 +307,7 @@ def fields_focus(reps: Representations, cfg: ClusterSettings) -> Focus:
     it, or, for representations without it, from their image store."""
     if cfg.focus_qc <= 0:
         return {}
-    pairs = reps.table[["sample", "field"]].astype(str).drop_duplicates()
-    measured = reps.attrs.get("focus") or {}
-    if all(f in measured.get(s, {}) for s, f in pairs.itertuples(index=False, name=None)):
-        return {
-            (s, f): np.nan if measured[s][f] is None else float(measured[s][f])
-            for s, f in pairs.itertuples(index=False, name=None)
-        }
-    try:
-        return field_focus(open_store(str(reps.attrs["store"])), list(pairs.itertuples(index=False, name=None)))
-    except (UserError, OSError, KeyError) as err:
-        log.warning("cluster: no focus check (image store unavailable: %s)", err)
-        return {}
+    return field_measure(reps, "focus", field_focus, "no focus check") or {}
 
 
 def cluster_windows(
