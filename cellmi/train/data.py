@@ -35,6 +35,7 @@ from cellmi.train.crops import (
     cut_numpy,
     cut_tensor,
     device_index,
+    focus_ramps,
     gaussian_blur,
 )
 from cellmi.train.fields import (
@@ -207,10 +208,11 @@ class CropLoader:
         return images, masks
 
     def _nuisance(self, images: Tensor, rng: np.random.Generator) -> None:
-        """In place, on normalised (M, C, H, W) crops: sometimes defocus blur, per-channel gain.
+        """In place, on normalised (M, C, H, W) crops: sometimes defocus blur, sometimes a focus
+        gradient, per-channel gain.
 
-        Both act on linear intensities; in the log domain a gain g is a shift of log(g) / std. The
-        blur undoes the log with expm1, which in ``field`` mode gives signal + pedestal - 1 rather than
+        All act on linear intensities; in the log domain a gain g is a shift of log(g) / std. The
+        blurs undo the log with expm1, which in ``field`` mode gives signal + pedestal - 1 rather than
         the signal: a constant per channel, which a normalised blur carries through unchanged.
         """
         cfg = self.cfg
@@ -218,12 +220,25 @@ class CropLoader:
         blurred = np.flatnonzero(rng.random(m) < cfg.aug_blur)
         sigmas = rng.uniform(0.5, cfg.aug_blur_sigma, size=m)[blurred]
         if len(blurred):
-            index = device_index(blurred, self.device)
-            raw = gaussian_blur(images.index_select(0, index).mul_(self.std).add_(self.mean).expm1_(), sigmas)
-            images.index_copy_(0, index, raw.clamp_(min=0).log1p_().sub_(self.mean).div_(self.std))
+            self._defocus(images, blurred, sigmas, None)
+        if cfg.aug_tilt > 0:  # drawn only when on, so that the other draws stay those of earlier runs
+            tilted = np.flatnonzero((rng.random(m) < cfg.aug_tilt) & ~np.isin(np.arange(m), blurred))
+            far, angles = rng.uniform(1.0, cfg.aug_blur_sigma, size=m)[tilted], rng.uniform(0, 2 * np.pi, m)[tilted]
+            if len(tilted):
+                self._defocus(images, tilted, far, focus_ramps(angles, images.shape[-1], self.device))
         if cfg.aug_gain > 0:
             gain = rng.uniform(np.log1p(-cfg.aug_gain), np.log1p(cfg.aug_gain), size=(m, c, 1, 1))
             images += torch.from_numpy(gain.astype(np.float32)).to(self.device, non_blocking=True) / self.std
+
+    def _defocus(self, images: Tensor, chosen: np.ndarray, sigmas: np.ndarray, ramps: Tensor | None) -> None:
+        """In place: crops ``chosen`` blurred by ``sigmas`` px, everywhere or (``ramps``, (K, 1, H, W)
+        from 0 to 1) in proportion to the ramp: sharp at one edge, blurred at the opposite one."""
+        index = device_index(chosen, self.device)
+        raw = images.index_select(0, index).mul_(self.std).add_(self.mean).expm1_()
+        blurred = gaussian_blur(raw, sigmas)
+        if ramps is not None:
+            blurred = torch.lerp(raw, blurred, ramps)
+        images.index_copy_(0, index, blurred.clamp_(min=0).log1p_().sub_(self.mean).div_(self.std))
 
     def batches(self, start: int) -> Iterator[Batch]:
         """Batches of steps start, start+1, ...; the next ones are made while the caller trains, and

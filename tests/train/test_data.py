@@ -18,6 +18,7 @@ from cellmi.train.crops import (
     cut_numpy,
     cut_tensor,
     dihedral,
+    focus_ramps,
     gaussian_blur,
 )
 from cellmi.train.data import CropLoader, batch_sample_ids
@@ -108,9 +109,10 @@ def numpy_content(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.concatenate([*stats, [mask.mean()]]).astype(np.float32)
 
 
-def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content(store_dir):
+@pytest.mark.parametrize("nuisances", [dict(aug_blur=1.0, aug_gain=0.3), dict(aug_blur=0.0, aug_tilt=1.0)])
+def test_nuisance_augmentation_changes_intensity_but_not_the_mask_or_the_content(store_dir, nuisances):
     plain = loader_for(store_dir, augment=False)
-    jitter = loader_for(store_dir, augment=True, aug_blur=1.0, aug_gain=0.3)
+    jitter = loader_for(store_dir, augment=True, **nuisances)
     try:
         a, b = plain.batch(0), jitter.batch(0)
         assert not np.allclose(a.images.numpy(), b.images.numpy())
@@ -183,6 +185,29 @@ def test_batched_blur_is_scipys_gaussian_filter_per_crop():
     wide = gaussian_blur(torch.from_numpy(images[:1, :, :20, :20]), np.array([12.0])).numpy()  # radius 48 > 20 px
     np.testing.assert_allclose(wide[0], gaussian_filter(images[0, :, :20, :20], (0, 12, 12), mode="reflect"),
                                rtol=1e-5, atol=1e-3)
+
+
+def test_focus_ramps_rise_from_one_edge_or_corner_to_the_opposite():
+    ramps = focus_ramps(np.array([0.0, np.pi / 2, np.pi, np.pi / 4]), 5, torch.device("cpu")).numpy()[:, 0]
+    np.testing.assert_allclose(ramps[0], np.tile(np.linspace(0, 1, 5), (5, 1)), atol=1e-6)  # along x
+    np.testing.assert_allclose(ramps[1], ramps[0].T, atol=1e-6)  # along y
+    np.testing.assert_allclose(ramps[2], ramps[0][:, ::-1], atol=1e-6)  # the other way
+    assert ramps[3][0, 0] == pytest.approx(0, abs=1e-6) and ramps[3][-1, -1] == pytest.approx(1)  # corner to corner
+    assert ramps[3][0, -1] == pytest.approx(0.5) and ramps.min() >= -1e-6 and ramps.max() <= 1 + 1e-6
+
+
+def test_focus_gradient_leaves_one_edge_sharp_and_blurs_the_other(store_dir):
+    plain = loader_for(store_dir, augment=True, aug_blur=0.0)
+    tilted = loader_for(store_dir, augment=True, aug_blur=0.0, aug_tilt=1.0, aug_blur_sigma=3.0)
+    try:
+        a, b = plain.batch(3).images.flatten(0, 1).numpy(), tilted.batch(3).images.flatten(0, 1).numpy()
+        change = np.abs(a - b).mean(axis=1)  # (M, H, W)
+        corners = np.stack([change[:, 0, 0], change[:, 0, -1], change[:, -1, 0], change[:, -1, -1]], axis=1)
+        assert (corners.min(axis=1) < 1e-4).all()  # each crop keeps a sharp corner (or edge)...
+        assert (change.reshape(len(change), -1).max(axis=1) > 1e-2).all()  # ...and is blurred elsewhere
+    finally:
+        plain.close()
+        tilted.close()
 
 
 def test_dihedral_turns_and_mirrors_like_numpy():
