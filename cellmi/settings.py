@@ -261,6 +261,12 @@ class TrainSettings(Section):
     fields_per_sample: int = Field(4, ge=1, description="N: fields of view per sample in a batch.")
     lr: float = Field(5e-4, gt=0, description="Adam learning rate of encoder and critics.")
     prior_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the prior discriminator.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Learning rates (lr, prior_lr) held constant, or falling along a half cosine to 5% of them as "
+        "training runs out (of steps or of time budget, whichever runs out first; resumed runs go on where they "
+        "stopped).",
+    )
     estimator: Literal["jsd", "infonce", "dv"] = Field("jsd", description="Mutual-information estimator.")
     alpha: float = Field(0.0, ge=0, description="Weight of the global MI term.")
     beta: float = Field(1.0, ge=0, description="Weight of the local MI term.")

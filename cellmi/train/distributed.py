@@ -16,11 +16,11 @@ __all__ = [
     "DistInfo",
     "all_gather_tensor",
     "all_gather_with_grad",
-    "any_rank",
     "barrier",
     "broadcast_object",
     "init_distributed",
     "is_main_process",
+    "max_over_ranks",
     "mean_over_ranks",
     "pick_device",
     "teardown",
@@ -94,13 +94,13 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag true on every rank when it is true on any rank (so all ranks stop at the same step)."""
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over ranks (so that all ranks stop at the same step, at the same learning rate)."""
     if not dist.is_initialized():
-        return list(flags)
-    value = torch.tensor([float(f) for f in flags], device=device)
+        return list(values)
+    value = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in value.tolist()]
+    return value.tolist()
 
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,15 @@ from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
 from cellmi.train.data import Batch, CropLoader
-from cellmi.train.distributed import DistInfo, any_rank, broadcast_object, mean_over_ranks
-from cellmi.train.state import Trainer, build_trainer, checkpoint_state, restore, wrap_distributed
+from cellmi.train.distributed import DistInfo, broadcast_object, max_over_ranks, mean_over_ranks
+from cellmi.train.state import (
+    Trainer,
+    build_trainer,
+    checkpoint_state,
+    restore,
+    set_learning_rates,
+    wrap_distributed,
+)
 from cellmi.train.step import METRICS, train_step
 from cellmi.watchdog import mark_progress, waiting
 
@@ -109,16 +116,26 @@ def sigterm_flag() -> Iterator[dict[str, bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop_reason(trainer: Trainer, settings: Settings, signalled: bool, dist: DistInfo) -> str | None:
-    """Why to stop now, the same on every rank: steps reached, time budget spent, or SIGTERM."""
+def share_done(trainer: Trainer, settings: Settings) -> float:
+    """Share of the training done: of the steps or of the time budget, whichever is further on."""
+    cfg = settings.train
+    done = trainer.step / cfg.steps
+    if cfg.time_budget_s is not None:
+        done = max(done, trainer.train_seconds / cfg.time_budget_s)
+    return min(done, 1.0)
+
+
+def stop_reason(trainer: Trainer, settings: Settings, signalled: bool, dist: DistInfo) -> tuple[str | None, float]:
+    """Why to stop now (steps reached, time budget spent, SIGTERM; None: go on) and the share of the
+    training done, both the same on every rank."""
     cfg = settings.train
     if trainer.step >= cfg.steps:
-        return "steps"
+        return "steps", 1.0
     over = cfg.time_budget_s is not None and trainer.train_seconds >= cfg.time_budget_s
-    over, signalled = any_rank([over, signalled], dist.device)
-    if signalled:
-        return "signal"
-    return "time_budget" if over else None
+    over, signal, done = max_over_ranks([over, signalled, share_done(trainer, settings)], dist.device)
+    if signal:
+        return "signal", done
+    return ("time_budget" if over else None), done
 
 
 def resume(trainer: Trainer, ckpt_dir: str, store: ImageStore, dist: DistInfo) -> tuple[int, str | None]:
@@ -136,6 +153,7 @@ def _record(trainer: Trainer, values: torch.Tensor, crops_per_s: float, busy: fl
         "time_s": round(trainer.train_seconds, 3),
         "crops_per_s": round(crops_per_s, 2),
         "busy": round(busy, 4),
+        "lr": trainer.optim.param_groups[0]["lr"],
     }
     record.update({name: round(float(v), 6) for name, v in zip(METRICS, values.tolist(), strict=True)})
     return record
@@ -253,7 +271,11 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
             # A step waits on crops from the store and, under torchrun, on the other processes.
             with sigterm_flag() as signalled, waiting(f"the next training step ({dist.world} process(es))"):
                 batches = run.loader.batches(run.trainer.step)
-                while (reason := stop_reason(run.trainer, settings, signalled["set"], dist)) is None:
+                while True:
+                    reason, done = stop_reason(run.trainer, settings, signalled["set"], dist)
+                    if reason is not None:
+                        break
+                    set_learning_rates(run.trainer, settings.train, done)
                     _step(run, batches)
         finally:
             run.bar.close()

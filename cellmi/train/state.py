@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +17,13 @@ from cellmi.errors import UserError
 from cellmi.hardware import memory_format
 from cellmi.log import log
 from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator
-from cellmi.settings import Settings, as_dict
+from cellmi.settings import Settings, TrainSettings, as_dict
 from cellmi.store import StoreMeta
 from cellmi.train.checkpoint import FORMAT, load_checkpoint
 from cellmi.train.data import content_size
 from cellmi.train.distributed import DistInfo
+
+LR_FLOOR = 0.05  # the cosine schedule's last learning rate, as a share of the setting
 
 __all__ = [
     "DIMNet",
@@ -124,6 +127,22 @@ def build_trainer(settings: Settings, in_channels: int, device: torch.device) ->
     if cfg.ema > 0:
         ema = AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     return Trainer(net, prior, optim, prior_optim, ema)
+
+
+def lr_factor(schedule: str, done: float) -> float:
+    """The learning rates' share of their setting with ``done`` of the training behind: 1 throughout
+    (``constant``), or along a half cosine from 1 to ``LR_FLOOR`` (``cosine``)."""
+    if schedule == "constant":
+        return 1.0
+    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
+def set_learning_rates(trainer: Trainer, cfg: TrainSettings, done: float) -> None:
+    """Both optimisers' learning rates for the next step, ``done`` of the training behind."""
+    factor = lr_factor(cfg.lr_schedule, done)
+    for optim, lr in ((trainer.optim, cfg.lr), (trainer.prior_optim, cfg.prior_lr)):
+        for group in optim.param_groups:
+            group["lr"] = lr * factor
 
 
 def update_average(trainer: Trainer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -100,10 +101,11 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     for folder in (straight, killed):
         shutil.copytree(os.path.join(store_dir, STORE_NAME), os.path.join(folder, STORE_NAME))
-    assert main(tiny_settings(straight, steps=2 * k, checkpoint_every=k, ema=0.9)) == 0
+    # the cosine schedule: the resumed half must also go on at the learning rate it stopped at
+    assert main(tiny_settings(straight, steps=2 * k, checkpoint_every=k, ema=0.9, lr_schedule="cosine")) == 0
 
     # a real process, killed (SIGKILL, no chance to clean up) right after its step-K checkpoint
-    env = job_env(killed, steps=2 * k, checkpoint_every=k, ema=0.9)
+    env = job_env(killed, steps=2 * k, checkpoint_every=k, ema=0.9, lr_schedule="cosine")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellmi", "train"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -116,7 +118,7 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert latest_checkpoint(os.path.join(killed, "checkpoints")).endswith(f"step_{k:06d}.pt")
 
-    assert main(tiny_settings(killed, steps=2 * k, checkpoint_every=k, ema=0.9)) == 0  # resumes at step K
+    assert main(tiny_settings(killed, steps=2 * k, checkpoint_every=k, ema=0.9, lr_schedule="cosine")) == 0
     a = load_checkpoint(latest_checkpoint(os.path.join(straight, "checkpoints")))
     b = load_checkpoint(latest_checkpoint(os.path.join(killed, "checkpoints")))
     assert a["step"] == b["step"] == 2 * k
@@ -129,6 +131,33 @@ def test_kill_and_resume_equals_straight_training(tmp_path, store_dir):
     for name, tensor in a["critics"]["local"].items():
         torch.testing.assert_close(b["critics"]["local"][name], tensor, rtol=0, atol=1e-6)
     assert [r["step"] for r in metrics(killed)] == list(range(1, 2 * k + 1))
+
+
+def test_learning_rate_schedules():
+    from cellmi.train.state import LR_FLOOR, lr_factor
+
+    assert {lr_factor("constant", d) for d in (0.0, 0.5, 1.0)} == {1.0}
+    assert lr_factor("cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor("cosine", 0.5) == pytest.approx((1 + LR_FLOOR) / 2)
+    assert lr_factor("cosine", 1.0) == lr_factor("cosine", 1.5) == pytest.approx(LR_FLOOR)
+    falls = [lr_factor("cosine", d / 10) for d in range(11)]
+    assert all(a > b for a, b in itertools.pairwise(falls))
+
+
+def test_cosine_schedule_runs_out_with_the_steps_and_with_the_time_budget(workdir):
+    from cellmi.train.state import lr_factor
+
+    assert main(tiny_settings(workdir, steps=20, checkpoint_every=1000, lr=1e-3, lr_schedule="cosine")) == 0
+    lrs = [r["lr"] for r in metrics(workdir)]
+    assert lrs == pytest.approx([1e-3 * lr_factor("cosine", s / 20) for s in range(20)])
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    # a time budget spent before the steps: the rate follows the clock instead
+    assert main(tiny_settings(workdir, steps=100_000, time_budget_s=2.0, checkpoint_every=100_000,
+                              lr=1e-3, lr_schedule="cosine")) == 0
+    records = metrics(workdir)
+    assert records[0]["lr"] == pytest.approx(1e-3)
+    assert records[-1]["lr"] < 0.1 * 1e-3  # near the floor at the end of the budget, far from steps' 1 - 1e-4
+    assert all(a["lr"] >= b["lr"] for a, b in itertools.pairwise(records))
 
 
 def test_weight_average_is_the_moving_average_of_the_steps():
