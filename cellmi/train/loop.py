@@ -132,8 +132,8 @@ def stop_reason(trainer: Trainer, settings: Settings, signalled: bool, dist: Dis
     if trainer.step >= cfg.steps:
         return "steps", 1.0
     over = cfg.time_budget_s is not None and trainer.train_seconds >= cfg.time_budget_s
-    over, signal, done = max_over_ranks([over, signalled, share_done(trainer, settings)], dist.device)
-    if signal:
+    over, interrupted, done = max_over_ranks([over, signalled, share_done(trainer, settings)], dist.device)
+    if interrupted:
         return "signal", done
     return ("time_budget" if over else None), done
 
