@@ -292,11 +292,12 @@ class TrainSettings(Section):
         "defocused field blurs.",
     )
     aug_tilt: float = Field(
-        0.0,
+        0.25,
         ge=0,
         le=1,
         description="Share of the crops not blurred that get a focus gradient instead: sharp at one edge, blurred "
-        "towards the opposite one (up to aug_blur_sigma), as in a tilted sample or a curved plate bottom.",
+        "towards the opposite one (up to aug_blur_sigma), as in a tilted sample or a curved plate bottom. "
+        "0 turns it off.",
     )
     local_foreground: float = Field(
         0.1, ge=0, le=1, description="Local positions seeing less foreground than this are left out of the loss."
