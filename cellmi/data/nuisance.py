@@ -40,6 +40,7 @@ __all__ = [
     "channel_vignette",
     "debris",
     "draw_nuisances",
+    "focus_ramp",
     "focus_tilt",
     "plate_position",
     "texture",
@@ -280,10 +281,15 @@ def channel_vignette(size: int, fall: tuple[float, ...]) -> np.ndarray:
 def focus_tilt(image: np.ndarray, sigma: float, angle: float) -> np.ndarray:
     """(C, Y, X) -> (C, Y, X): focus worsening across the field, sharp at one edge and blurred by
     ``sigma`` px at the opposite one (a tilted sample or a curved plate bottom)."""
-    _, h, w = image.shape
     far = ndi.gaussian_filter(image, (0, sigma, sigma), truncate=3.0)
+    ramp = focus_ramp(*image.shape[1:], angle)
+    return image * (1.0 - ramp) + far * ramp
+
+
+def focus_ramp(h: int, w: int, angle: float) -> np.ndarray:
+    """(Y, X) ramp rising from 0 at one edge to 1 at the opposite one along direction ``angle``
+    (radians; 0 points along +x): how far out of focus a tilted sample is at each pixel."""
     ys = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
     xs = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
     reach = abs(np.cos(angle)) + abs(np.sin(angle))  # the projection's extent over the field
-    ramp = 0.5 + 0.5 * (xs * np.cos(angle) + ys * np.sin(angle)) / reach
-    return image * (1.0 - ramp) + far * ramp
+    return 0.5 + 0.5 * (xs * np.cos(angle) + ys * np.sin(angle)) / reach

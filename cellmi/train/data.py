@@ -217,12 +217,13 @@ class CropLoader:
         """
         cfg = self.cfg
         m, c = images.shape[:2]
-        blurred = np.flatnonzero(rng.random(m) < cfg.aug_blur)
+        blur = rng.random(m) < cfg.aug_blur
+        blurred = np.flatnonzero(blur)
         sigmas = rng.uniform(0.5, cfg.aug_blur_sigma, size=m)[blurred]
         if len(blurred):
             self._defocus(images, blurred, sigmas, None)
         if cfg.aug_tilt > 0:  # drawn only when on, so that the other draws stay those of earlier runs
-            tilted = np.flatnonzero((rng.random(m) < cfg.aug_tilt) & ~np.isin(np.arange(m), blurred))
+            tilted = np.flatnonzero((rng.random(m) < cfg.aug_tilt) & ~blur)
             far, angles = rng.uniform(1.0, cfg.aug_blur_sigma, size=m)[tilted], rng.uniform(0, 2 * np.pi, m)[tilted]
             if len(tilted):
                 self._defocus(images, tilted, far, focus_ramps(angles, images.shape[-1], self.device))
