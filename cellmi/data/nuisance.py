@@ -43,6 +43,7 @@ __all__ = [
     "focus_ramp",
     "focus_tilt",
     "plate_position",
+    "ramp_along",
     "texture",
     "unit_noise",
 ]
@@ -291,5 +292,12 @@ def focus_ramp(h: int, w: int, angle: float) -> np.ndarray:
     (radians; 0 points along +x): how far out of focus a tilted sample is at each pixel."""
     ys = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
     xs = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
-    reach = abs(np.cos(angle)) + abs(np.sin(angle))  # the projection's extent over the field
-    return 0.5 + 0.5 * (xs * np.cos(angle) + ys * np.sin(angle)) / reach
+    return ramp_along(xs, ys, np.cos(angle), np.sin(angle))
+
+
+def ramp_along(xs, ys, cos, sin):
+    """The focus ramp over coordinates ``xs``, ``ys`` in [-1, 1] along the direction (``cos``,
+    ``sin``), broadcast together; numpy arrays or torch tensors alike, so training crops get the
+    generator's ramp built where they live."""
+    reach = abs(cos) + abs(sin)  # the projection's extent over the field
+    return 0.5 + 0.5 * (xs * cos + ys * sin) / reach

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cellmi.data.nuisance import focus_ramp
+from cellmi.data.nuisance import ramp_along
 from cellmi.train.fields import FieldGroup
 
 __all__ = [
@@ -151,8 +151,10 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
 def focus_ramps(angles: np.ndarray, size: int, device: torch.device) -> Tensor:
     """(K,) directions in radians -> (K, 1, size, size) ramps rising from 0 at one edge of the crop to
     1 at the opposite one along each direction (the synthetic screens' focus gradient)."""
-    ramps = np.stack([focus_ramp(size, size, angle) for angle in angles]).astype(np.float32)
-    return torch.from_numpy(ramps[:, None]).to(device)
+    grid = torch.linspace(-1.0, 1.0, size, device=device)
+    cos = torch.from_numpy(np.cos(angles).astype(np.float32)).to(device)[:, None, None]
+    sin = torch.from_numpy(np.sin(angles).astype(np.float32)).to(device)[:, None, None]
+    return ramp_along(grid[None, None, :], grid[None, :, None], cos, sin)[:, None]
 
 
 # (quarter turns, mirror) -> (axes to flip, then transpose?): np.rot90(x, turns, (-2, -1)), then
