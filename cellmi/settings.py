@@ -388,6 +388,12 @@ class InferSettings(Section):
         description="Test-time views: each window's vector is the mean over this many dihedral views of its "
         "field (1: as is; 2: and flipped; 4: quarter turns; 8: turns and flips); costs that many passes.",
     )
+    readout: Literal["head", "pooled", "both"] = Field(
+        "head",
+        description="Where a window's vector is read: head (the global vector the training shapes), pooled (the "
+        "foreground-weighted mean of the local map that feeds the head, local_dim wide) or both side by side. "
+        "The untrained baseline is read the same way.",
+    )
     mode: Literal["shared", "naive"] = Field(
         "shared", description="shared: one feature map per field; naive: encode each window alone."
     )

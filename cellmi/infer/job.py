@@ -28,7 +28,7 @@ from cellmi.infer.embed import activation_bytes
 from cellmi.infer.fanout import compute_parts, dask_client, gpu_workers
 from cellmi.infer.handcrafted import feature_names
 from cellmi.infer.parts import PARTS_NAME, FieldResult, done_names, prepare_parts, read_parts
-from cellmi.infer.task import InferJob, embed_field, load_models
+from cellmi.infer.task import InferJob, embed_field, models_for
 from cellmi.infer.windows import check_geometry, window_grid
 from cellmi.log import log
 from cellmi.representations import (
@@ -200,6 +200,7 @@ def make_plan(settings: Settings) -> Plan:
         precision=infer.precision,
         prep_threads=infer.prep_threads,
         ema=infer.ema,
+        readout=infer.readout,
     )
     attrs = {
         "window": window,
@@ -207,6 +208,7 @@ def make_plan(settings: Settings) -> Plan:
         "encoder_stride": int(encoder.stride),
         "mode": infer.mode,
         "views": infer.views,
+        "readout": infer.readout,
         "min_foreground": infer.min_foreground,
         "keep_background": infer.keep_background,
         "checkpoint": ckpt,
@@ -242,6 +244,7 @@ def run_key(plan: Plan) -> str:
             "baseline_seed": job.baseline_seed,
             "precision": job.precision,  # of batched tasks on a GPU (a run may mix GPU and CPU parts)
             "ema": job.ema,
+            "readout": job.readout,
             "version": __version__,
         }
     )
@@ -253,7 +256,7 @@ def compute_in_process(
     """The same per-field work in this process, without Dask or parts (reference for tests/benchmarks)."""
     torch.set_num_threads(threads)
     store = open_store(job.store)
-    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, ema=job.ema)
+    models = models_for(job)
     return {image_name(s, f): embed_field(job, store, models, s, f) for s, f in fields}
 
 

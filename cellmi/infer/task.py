@@ -33,6 +33,7 @@ __all__ = [
     "embed_batched",
     "embed_field",
     "load_models",
+    "models_for",
     "prepare_field",
     "run_task",
 ]
@@ -60,6 +61,7 @@ class InferJob:
     precision: Literal["bf16", "float32"] = "bf16"  # of the conv trunk in batched tasks on a GPU
     prep_threads: int = 0  # threads preparing the fields of a batched task; 0: the process's cores
     ema: bool = True  # the checkpoint's moving average of the weights, when it holds one
+    readout: str = "head"  # where a window's vector is read (cellmi.model.encoder.READOUTS)
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,23 @@ class Models:
 
 @functools.lru_cache(maxsize=2)
 def load_models(
-    checkpoint: str, sha256: str, baseline_seed: int, device: str = "cpu", ema: bool = True
+    checkpoint: str, sha256: str, baseline_seed: int, device: str = "cpu", ema: bool = True, readout: str = "head"
 ) -> Models:
-    """Load once per process; ``sha256`` is part of the key so a replaced checkpoint is reloaded."""
+    """Load once per process; ``sha256`` is part of the key so a replaced checkpoint is reloaded.
+    Both encoders are read out at ``readout``."""
+    from cellmi.model.encoder import Readout
     from cellmi.train.checkpoint import build_encoder, load_encoder
 
     encoder, meta = load_encoder(checkpoint, device="cpu", average=ema)
     untrained = build_encoder(meta["arch"], baseline_seed)
-    return Models(dim=encoder.to(device).eval(), random=untrained.to(device).eval())
+    return Models(
+        dim=Readout(encoder, readout).to(device).eval(), random=Readout(untrained, readout).to(device).eval()
+    )
+
+
+def models_for(job: InferJob, device: str = "cpu") -> Models:
+    """The job's encoders on ``device`` (loaded once per process)."""
+    return load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, device, job.ema, job.readout)
 
 
 @functools.lru_cache(maxsize=2)
@@ -172,7 +183,7 @@ def compute_device(job: InferJob) -> tuple[torch.device, torch.dtype | None]:
 def run_batched(job: InferJob, store: ImageStore, fields: list[tuple[str, str]]) -> list[FieldResult]:
     """Prepare the fields on several threads, then embed each group of one shape in one batch."""
     device, precision = compute_device(job)
-    models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, device.type, job.ema)
+    models = models_for(job, device.type)
     threads = job.prep_threads or cores()
     with ThreadPoolExecutor(threads) as pool:
         prepared = list(pool.map(lambda f: prepare_field(job, store, *f), fields))
@@ -194,7 +205,7 @@ def run_task(job: InferJob, fields: list[tuple[str, str]], threads: int = 1) -> 
     if job.batched:
         results = run_batched(job, store, todo)
     else:
-        models = load_models(job.checkpoint, job.checkpoint_sha256, job.baseline_seed, ema=job.ema)
+        models = models_for(job)
         results = [embed_field(job, store, models, s, f) for s, f in todo]
     write_parts(job.parts, results, job.run_id)
     return [r.name for r in results]

@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["POOLS", "STEM_FROM", "Encoder", "build_encoder", "he_init", "layer_plan"]
+__all__ = ["POOLS", "READOUTS", "STEM_FROM", "Encoder", "Readout", "build_encoder", "he_init", "layer_plan"]
 
 # Pooling of the local map into the global vector: plain mean, or weighted by foreground share.
 POOLS = ("mean", "foreground")
+# Where a window's vector is read: the head's output (what the training objective shapes), the
+# pooled local map that feeds the head, or both side by side.
+READOUTS = ("head", "pooled", "both")
 # Weight of a pure-background position; keeps the weighted mean defined when a crop has no cells.
 FOREGROUND_EPS = 1e-3
 
@@ -125,12 +128,15 @@ class Encoder(nn.Module):
         (``pool_mask``), positions are weighted by it, so background does not dilute the cells; a
         crop without foreground falls back to the plain mean.
         """
+        return self.head(self.pooled(local, share))
+
+    def pooled(self, local: Tensor, share: Tensor | None = None) -> Tensor:
+        """(N, L, h, w) local map -> (N, L): the mean over positions that feeds the head (see
+        ``global_from_local``)."""
         if self.pool == "foreground" and share is not None:
             weight = share.to(local.dtype).unsqueeze(1) + FOREGROUND_EPS
-            pooled = (local * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
-        else:
-            pooled = local.mean(dim=(2, 3))
-        return self.head(pooled)
+            return (local * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
+        return local.mean(dim=(2, 3))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(N, C, H, W)[, (N, H, W) foreground mask] -> ((N, L, h, w) local map, (N, G) global vector)."""
@@ -159,3 +165,40 @@ def build_encoder(arch: dict[str, Any], seed: int) -> Encoder:
         torch.manual_seed(seed)
         encoder = Encoder(**arch)
     return encoder.eval()
+
+
+class Readout(nn.Module):
+    """An encoder whose window vector is read at ``readout`` (one of ``READOUTS``): the head's output
+    (the encoder as trained), the pooled local map before the head, or both concatenated.
+
+    Inference only; it has the same contract as ``Encoder`` (local map, pool mask, geometry).
+    """
+
+    def __init__(self, encoder: Encoder, readout: str = "head") -> None:
+        super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout {readout!r} is not one of {READOUTS}")
+        self.encoder = encoder
+        self.readout = readout
+        self.stride = encoder.stride
+
+    def local_size(self, window: int) -> int:
+        return self.encoder.local_size(window)
+
+    def local_map(self, x: Tensor) -> Tensor:
+        return self.encoder.local_map(x)
+
+    def pool_mask(self, mask: Tensor) -> Tensor:
+        return self.encoder.pool_mask(mask)
+
+    def global_from_local(self, local: Tensor, share: Tensor | None = None) -> Tensor:
+        pooled = self.encoder.pooled(local, share)
+        if self.readout == "pooled":
+            return pooled
+        head = self.encoder.head(pooled)
+        return head if self.readout == "head" else torch.cat([head, pooled], dim=1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        local = self.local_map(x)
+        share = self.pool_mask(mask) if mask is not None else None
+        return local, self.global_from_local(local, share)

@@ -9,6 +9,7 @@ import torch
 from cellmi.infer.embed import activation_bytes, embed_batch, embed_naive, embed_shared, embed_views, view_of
 from cellmi.infer.handcrafted import feature_names, window_features
 from cellmi.infer.windows import window_grid
+from cellmi.model.encoder import Readout
 from tests.infer.standin import tiny_encoder
 
 torch.set_num_threads(1)
@@ -83,6 +84,20 @@ def test_foreground_pooling_shared_equals_naive_and_ignores_background():
         change[pool] = np.abs(embed_shared(encoder, moved, corners, window, mask=mask) - shared)[edge].max()
     assert change["mean"] > 1e-2
     assert change["foreground"] < 0.05 * change["mean"], change
+
+
+@pytest.mark.parametrize(("readout", "width"), [("pooled", 8), ("both", 14)])
+def test_every_readout_keeps_shared_equal_to_naive_and_batched(readout, width):
+    rng = np.random.default_rng(2)
+    pixels = rng.normal(size=(3, 96, 96)).astype(np.float32)
+    mask = rng.random((96, 96)) > 0.4
+    encoder = Readout(tiny_encoder(crop=48, pool="foreground"), readout).eval()
+    corners = window_grid((96, 96), 48, 8)
+    shared = embed_shared(encoder, pixels, corners, 48, mask=mask)
+    assert shared.shape == (len(corners), width)
+    assert np.abs(shared - embed_naive(encoder, pixels, corners, 48, mask=mask)).max() <= 1e-5
+    batched = embed_batch(encoder, torch.from_numpy(pixels)[None], [corners], 48, torch.from_numpy(mask)[None].float())
+    assert np.abs(shared - batched[0]).max() <= 1e-5
 
 
 def test_shared_map_would_differ_off_the_encoder_grid():

@@ -107,6 +107,19 @@ def test_inference_embeds_with_the_weight_average_unless_told_not_to(tmp_path):
     assert not np.allclose(average.features["dim"], last.features["dim"], atol=1e-3)
 
 
+def test_the_pooled_readout_gives_both_encoders_local_dim_wide_vectors(tmp_path):
+    workdir = str(tmp_path / "run")
+    make_store(join(workdir, "store.zarr"), samples=2, fields=1, size=SIZE)
+    write_checkpoint(join(workdir, "checkpoints"))
+    head_plan, head = expected(settings_for(workdir))
+    plan, pooled = expected(settings_for(workdir, readout="both"))
+    assert plan.attrs["readout"] == "both" and run_key(plan) != run_key(head_plan)
+    for name in ("dim", "random"):
+        width = head.features[name].shape[1]
+        assert pooled.features[name].shape[1] == width + 8  # the tiny encoder's local_dim
+        np.testing.assert_allclose(pooled.features[name][:, :width], head.features[name], rtol=1e-5, atol=1e-6)
+
+
 def test_dask_result_equals_in_process_result(tmp_path):
     workdir = str(tmp_path / "run")
     ckpt = make_run(workdir)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cellmi.model import Encoder, GlobalCritic, LocalCritic, PriorDiscriminator, build_encoder
+from cellmi.model.encoder import Readout
 
 torch.set_num_threads(1)
 
@@ -66,6 +67,23 @@ def test_pooled_mask_is_on_the_local_grid():
     assert pooled.shape == (2, 9, 9)
     assert torch.all(pooled[0] == 1)
     assert pooled[1, :, 0].min() > 0.5 and torch.all(pooled[1, :, -1] == 0)
+
+
+def test_readouts_are_the_head_the_pooled_map_before_it_or_both():
+    torch.manual_seed(0)
+    encoder = trained_like(Encoder(3, 8, 32, 16, 64, pool="foreground"))
+    image, mask = torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64)
+    mask[:, 16:48, 8:40] = 1
+    with torch.no_grad():
+        local, head = encoder(image, mask)
+        share = encoder.pool_mask(mask).unsqueeze(1) + 1e-3
+        pooled = (local * share).sum(dim=(2, 3)) / share.sum(dim=(2, 3))
+        torch.testing.assert_close(Readout(encoder, "head")(image, mask)[1], head)
+        torch.testing.assert_close(Readout(encoder, "pooled")(image, mask)[1], pooled)
+        torch.testing.assert_close(Readout(encoder, "both")(image, mask)[1], torch.cat([head, pooled], 1))
+        assert not torch.allclose(pooled, local.mean(dim=(2, 3)), atol=1e-3)  # the mask did weigh
+    with pytest.raises(ValueError, match="readout 'last'"):
+        Readout(encoder, "last")
 
 
 def test_no_normalisation_in_the_trunk_and_intensity_reaches_the_global_vector():
