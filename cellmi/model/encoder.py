@@ -198,7 +198,5 @@ class Readout(nn.Module):
         head = self.encoder.head(pooled)
         return head if self.readout == "head" else torch.cat([head, pooled], dim=1)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        local = self.local_map(x)
-        share = self.pool_mask(mask) if mask is not None else None
-        return local, self.global_from_local(local, share)
+    # Encoder's own composition of local map, mask pooling and global_from_local, which here reads out.
+    forward = Encoder.forward
