@@ -49,6 +49,7 @@ METRICS = {
     "all-sample image ARI": ("all", "image_ari"),
     "all-sample field NN accuracy": ("all", "nn_accuracy"),
     "all-sample field mAP": ("all", "map"),
+    "held-out window probe accuracy": ("test", "window_probe"),
 }
 FULL = 1.0 - 1e-9  # an ARI of 1.0, up to rounding
 

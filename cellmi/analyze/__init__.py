@@ -6,6 +6,7 @@ from cellmi.analyze.metrics import (
     confusion,
     mean_average_precision,
     nn_accuracy,
+    probe_accuracy,
     purity,
 )
 from cellmi.analyze.mixture import assign, fit_mixture, select_by_bic, vote
@@ -27,6 +28,7 @@ __all__ = [
     "fit_reducer",
     "mean_average_precision",
     "nn_accuracy",
+    "probe_accuracy",
     "purity",
     "select_by_bic",
     "vote",

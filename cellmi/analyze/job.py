@@ -20,7 +20,8 @@ Reads ``{workdir}/representations.zarr`` and writes ``{workdir}/analysis/`` (loc
                               handcrafted; scores in SCORE_KEYS (null where not computed). The
                               chosen split has every score; the other splits ("all" always) only
                               image-level scores of field-profile clustering with one cluster
-                              per sample, plus retrieval mAP and 1-NN accuracy.
+                              per sample, plus retrieval mAP and 1-NN accuracy (window_probe:
+                              the chosen split only).
     umap.png, confusion.png, gallery.png[, bic.png]
     cluster_traits.csv        per window cluster: size, main sample, foreground fraction, and per
                               channel mean intensity, bright area and object size (sampled windows),
@@ -70,7 +71,13 @@ from cellmi.analyze.gallery import (
     window_traits,
 )
 from cellmi.analyze.maps import MAPS, write_maps
-from cellmi.analyze.metrics import cluster_scores, confusion, mean_average_precision, nn_accuracy
+from cellmi.analyze.metrics import (
+    cluster_scores,
+    confusion,
+    mean_average_precision,
+    nn_accuracy,
+    probe_accuracy,
+)
 from cellmi.analyze.mixture import fit_mixture, most_probable, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
     ProfileModel,
@@ -128,6 +135,7 @@ SCORE_KEYS = (
     "image_purity_profile",
     "map",
     "nn_accuracy",
+    "window_probe",
 )
 Focus = dict[tuple[str, str], float]  # (sample, field) -> focus score
 OTHER_SPLITS = {"test": ("train", "all"), "train": ("test", "all"), "all": ()}
@@ -426,8 +434,10 @@ def retrieval_scores(model: ProfileModel, profiles: np.ndarray, fields: pd.DataF
     return {"map": mean_average_precision(scaled, samples), "nn_accuracy": nn_accuracy(scaled, samples)}
 
 
-def primary_scores(reps: Representations, c: Clustering, cfg: ClusterSettings, phen: dict[str, str]) -> dict:
-    """Every score on the clustered split."""
+def primary_scores(
+    reps: Representations, c: Clustering, cfg: ClusterSettings, phen: dict[str, str], x: np.ndarray
+) -> dict:
+    """Every score on the clustered split; ``x`` the clustered (N, F) window vectors."""
     table, fields = reps.table, c.fields
     out = empty_scores()
     out.update(
@@ -444,6 +454,7 @@ def primary_scores(reps: Representations, c: Clustering, cfg: ClusterSettings, p
     out.update(image_scores(fields, fields["cluster_profile"].to_numpy(), "_profile", phen))
     out.update(image_scores(fields, fields[f"cluster_{cfg.image_labels}"].to_numpy(), "", phen))
     out.update(retrieval_scores(c.profile_model, c.profiles, fields))
+    out["window_probe"] = probe_accuracy(x, table["sample"].to_numpy(), table["field"].to_numpy(), cfg.seed)
     return out
 
 
@@ -708,7 +719,7 @@ def score_feature_set(
     phen, timings = phenotype_map(reps), {}
     with timed(f"cluster {name}", timings):
         c = cluster_feature_set(primary, name, cfg, k, select, client, focus)
-    scores = {cfg.split: primary_scores(primary, c, cfg, phen)}
+    scores = {cfg.split: primary_scores(primary, c, cfg, phen, primary.features[name])}
     others = {}
     with timed(f"profiles {name}", timings):
         for split in OTHER_SPLITS[cfg.split]:

@@ -4,7 +4,9 @@ Clustering scores (ARI, NMI, purity, confusion table) compare predicted cluster 
 known grouping (sample or phenotype). Retrieval scores ask how well a field's profile finds the
 other fields of its own sample: mean average precision as copairs computes it (cosine
 similarity, every other profile ranked, AP per query, mean per group, then mean over groups)
-and 1-nearest-neighbour accuracy.
+and 1-nearest-neighbour accuracy. The window probe asks how well a linear classifier tells the
+samples apart from one window's vector, trained on some fields of each sample and tested on the
+others: what the vectors hold, apart from how UMAP and the mixture happen to cut them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+PROBE_WINDOWS = 20_000  # windows the probe keeps at most (a random subset above): seconds, not minutes
+PROBE_C = 0.1  # inverse L2 strength: vectors of 64+ features and a few hundred windows a sample
 
 
 def purity(truth: Sequence, pred: Sequence) -> float:
@@ -98,3 +106,38 @@ def nn_accuracy(x: np.ndarray, groups: Sequence) -> float | None:
         return None
     nearest = np.argmax(sims, axis=1)
     return float((groups[nearest] == groups)[keep].mean())
+
+
+def field_folds(samples: Sequence, fields: Sequence) -> np.ndarray:
+    """(N,) fold of each window: its field's rank among its sample's fields, modulo the fewest
+    fields any sample has, so that every fold holds out some fields of every sample."""
+    keys = pd.DataFrame({"sample": np.asarray(samples).astype(str), "field": np.asarray(fields).astype(str)})
+    firsts = keys.drop_duplicates().sort_values(["sample", "field"])
+    firsts["rank"] = firsts.groupby("sample").cumcount()
+    folds = max(1, int(firsts.groupby("sample").size().min()))
+    rank = keys.merge(firsts, on=["sample", "field"], how="left")["rank"].to_numpy()
+    return rank % folds
+
+
+def probe_accuracy(x: np.ndarray, samples: Sequence, fields: Sequence, seed: int = 0) -> float | None:
+    """Share of windows whose sample a linear classifier (standardised features, L2 logistic
+    regression) names right when trained on the windows of the other folds (``field_folds``).
+
+    None with fewer than two samples or a sample of only one field (nothing to hold out).
+    """
+    samples, fields = np.asarray(samples).astype(str), np.asarray(fields)
+    if len(np.unique(samples)) < 2:
+        return None
+    if len(samples) > PROBE_WINDOWS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), PROBE_WINDOWS, replace=False))
+        x, samples, fields = np.asarray(x)[keep], samples[keep], fields[keep]
+    folds = field_folds(samples, fields)
+    if folds.max() < 1:
+        return None
+    right = 0
+    for fold in range(folds.max() + 1):
+        test = folds == fold
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=2000))
+        model.fit(np.asarray(x, np.float64)[~test], samples[~test])
+        right += int((model.predict(np.asarray(x, np.float64)[test]) == samples[test]).sum())
+    return right / len(samples)

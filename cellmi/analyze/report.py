@@ -33,6 +33,7 @@ SHOWN = (
     ("image_ari_phenotype", "image ARI vs phenotype"),
     ("map", "own-sample retrieval mAP"),
     ("nn_accuracy", "1-NN accuracy (same sample)"),
+    ("window_probe", "window probe accuracy (sample, held-out fields)"),
 )
 MAX_ROWS = 15  # a table or list longer than this is collapsed
 OPEN_GROUPS = 12  # group sections start open up to this many groups

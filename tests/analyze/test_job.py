@@ -143,12 +143,13 @@ def test_metrics_structure_and_dim_beats_both_baselines(analysed):
         for split in ("test", "train", "all"):
             assert set(metrics[name][split]) == set(SCORE_KEYS)
         assert metrics[name]["train"]["window_ari"] is None  # only the clustered split has windows
+        assert metrics[name]["all"]["window_probe"] is None
     dim, rand = metrics["dim"], metrics["random"]
     # the fixture's DIM vectors are well-separated blobs per sample; 'random' is pure noise
     assert dim["test"]["image_ari"] == 1.0 and dim["test"]["window_ari"] == 1.0
     assert dim["all"]["image_ari"] == 1.0 and dim["all"]["n_samples"] == 6
     assert dim["test"]["image_ari_phenotype"] == 1.0 and dim["test"]["map"] == 1.0
-    for key in ("window_ari", "image_ari", "map", "nn_accuracy"):
+    for key in ("window_ari", "image_ari", "map", "nn_accuracy", "window_probe"):
         assert dim["test"][key] > rand["test"][key], key
         assert dim["test"][key] >= metrics["handcrafted"]["test"][key], key
     assert rand["test"]["window_ari"] < 0.2

@@ -10,8 +10,10 @@ from cellmi.analyze.metrics import (
     average_precision,
     cluster_scores,
     confusion,
+    field_folds,
     mean_average_precision,
     nn_accuracy,
+    probe_accuracy,
     purity,
 )
 
@@ -73,3 +75,43 @@ def test_average_precision_matches_sklearn_on_random_data():
         others = np.delete(np.arange(30), i)
         expected = average_precision_score(groups[others] == groups[i], unit[others] @ unit[i])
         assert ours[i] == pytest.approx(expected)
+
+
+def test_field_folds_hold_out_some_fields_of_every_sample():
+    samples = ["a"] * 4 + ["b"] * 6  # a: fields 1, 2 (two windows each); b: fields 1, 2, 3
+    fields = ["1", "1", "2", "2", "1", "1", "2", "2", "3", "3"]
+    folds = field_folds(samples, fields)
+    np.testing.assert_array_equal(folds, [0, 0, 1, 1, 0, 0, 1, 1, 0, 0])  # b's third field wraps to fold 0
+    assert set(folds[:4]) == set(folds[4:]) == {0, 1}
+
+
+def _windows(rng: np.random.Generator, apart: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """3 samples x 4 fields x 20 windows of 16 features; sample means ``apart`` standard deviations apart."""
+    samples = np.repeat(["a", "b", "c"], 80)
+    fields = np.tile(np.repeat(["1", "2", "3", "4"], 20), 3)
+    centres = rng.normal(size=(3, 16)) * apart
+    x = centres[np.repeat([0, 1, 2], 80)] + rng.normal(size=(240, 16))
+    return x, samples, fields
+
+
+def test_probe_names_separated_samples_and_not_noise():
+    rng = np.random.default_rng(0)
+    assert probe_accuracy(*_windows(rng, apart=5.0)) == pytest.approx(1.0)
+    chance = probe_accuracy(*_windows(rng, apart=0.0))
+    assert 0.15 < chance < 0.55  # three samples: about a third
+
+
+def test_probe_is_tested_on_fields_it_was_not_trained_on():
+    """Each field its own offset, shared by none: a probe that saw the field would name its sample
+    from the offset; held-out fields leave it at chance."""
+    rng = np.random.default_rng(1)
+    x, samples, fields = _windows(rng, apart=0.0)
+    offsets = rng.normal(size=(12, 16)) * 6.0
+    x = x + offsets[np.repeat(np.arange(12), 20)]
+    assert probe_accuracy(x, samples, fields) < 0.6
+
+
+def test_probe_needs_two_samples_and_two_fields():
+    x = np.zeros((8, 4))
+    assert probe_accuracy(x, ["a"] * 8, ["1", "2"] * 4) is None
+    assert probe_accuracy(x, ["a"] * 4 + ["b"] * 4, ["1"] * 8) is None  # one field each: nothing to hold out
