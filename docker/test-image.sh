@@ -91,7 +91,10 @@ chmod 0777 "$WORK"  # the image's user (uid 10001) writes here
 build
 check_config
 
-contained "$TAG" --help | grep -q "usage: cellmi" || fail "cellmi --help"
+# Output captured before it is searched: `grep -q` stops reading at the first match, and podman,
+# writing on into the closed pipe, then fails the pipeline (pipefail) now and then.
+help=$(contained "$TAG" --help) || fail "cellmi --help"
+grep -q "usage: cellmi" <<<"$help" || fail "cellmi --help"
 say "cellmi --help ok"
 
 contained -e CELLMI_TRAIN__STEPS=7 "$TAG" config | python3 -c '
@@ -104,8 +107,9 @@ say "cellmi config ok (CELLMI_* from the environment reach the settings)"
 
 uid=$(contained --entrypoint id "$TAG" -u)
 [ "$uid" != 0 ] || fail "container runs as root"
-contained -e SLURM_JOB_ID=1 -e SLURM_NNODES=2 -e SLURM_NODEID=1 -e MASTER_ADDR=10.0.0.1 \
-  "$TAG" launch --dry-run --nproc-per-node 1 train | grep -q '"node_rank": 1' || fail "cellmi launch"
+plan=$(contained -e SLURM_JOB_ID=1 -e SLURM_NNODES=2 -e SLURM_NODEID=1 -e MASTER_ADDR=10.0.0.1 \
+  "$TAG" launch --dry-run --nproc-per-node 1 train) || fail "cellmi launch"
+grep -q '"node_rank": 1' <<<"$plan" || fail "cellmi launch"
 contained --entrypoint dask "$TAG" scheduler --help >/dev/null || fail "dask scheduler (DaskJob, k8s/dask-plain)"
 contained --entrypoint dask "$TAG" worker --help >/dev/null || fail "dask worker"
 contained --entrypoint cellmi-launch "$TAG" info >/dev/null || fail "cellmi-launch"
