@@ -111,12 +111,9 @@ def nn_accuracy(x: np.ndarray, groups: Sequence) -> float | None:
 def field_folds(samples: Sequence, fields: Sequence) -> np.ndarray:
     """(N,) fold of each window: its field's rank among its sample's fields, modulo the fewest
     fields any sample has, so that every fold holds out some fields of every sample."""
-    keys = pd.DataFrame({"sample": np.asarray(samples).astype(str), "field": np.asarray(fields).astype(str)})
-    firsts = keys.drop_duplicates().sort_values(["sample", "field"])
-    firsts["rank"] = firsts.groupby("sample").cumcount()
-    folds = max(1, int(firsts.groupby("sample").size().min()))
-    rank = keys.merge(firsts, on=["sample", "field"], how="left")["rank"].to_numpy()
-    return rank % folds
+    by_sample = pd.Series(np.asarray(fields).astype(str)).groupby(np.asarray(samples).astype(str))
+    rank = by_sample.rank(method="dense").to_numpy(np.int64) - 1
+    return rank % max(1, int(by_sample.nunique().min()))
 
 
 def probe_accuracy(x: np.ndarray, samples: Sequence, fields: Sequence, seed: int = 0) -> float | None:
@@ -125,12 +122,13 @@ def probe_accuracy(x: np.ndarray, samples: Sequence, fields: Sequence, seed: int
 
     None with fewer than two samples or a sample of only one field (nothing to hold out).
     """
-    samples, fields = np.asarray(samples).astype(str), np.asarray(fields)
+    x, samples, fields = np.asarray(x), np.asarray(samples).astype(str), np.asarray(fields)
     if len(np.unique(samples)) < 2:
         return None
     if len(samples) > PROBE_WINDOWS:
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), PROBE_WINDOWS, replace=False))
-        x, samples, fields = np.asarray(x)[keep], samples[keep], fields[keep]
+        x, samples, fields = x[keep], samples[keep], fields[keep]
+    x = x.astype(np.float64)  # once, after the subset: not per fold, never the whole table
     folds = field_folds(samples, fields)
     if folds.max() < 1:
         return None
@@ -138,6 +136,6 @@ def probe_accuracy(x: np.ndarray, samples: Sequence, fields: Sequence, seed: int
     for fold in range(folds.max() + 1):
         test = folds == fold
         model = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=2000))
-        model.fit(np.asarray(x, np.float64)[~test], samples[~test])
-        right += int((model.predict(np.asarray(x, np.float64)[test]) == samples[test]).sum())
+        model.fit(x[~test], samples[~test])
+        right += int((model.predict(x[test]) == samples[test]).sum())
     return right / len(samples)
