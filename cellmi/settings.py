@@ -259,7 +259,7 @@ class TrainSettings(Section):
     )
     batch_samples: int = Field(8, ge=2, description="B: samples per batch (per process).")
     fields_per_sample: int = Field(4, ge=1, description="N: fields of view per sample in a batch.")
-    lr: float = Field(5e-4, gt=0, description="Adam learning rate of encoder and critics.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of encoder and critics.")
     prior_lr: float = Field(1e-4, gt=0, description="Adam learning rate of the prior discriminator.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant",
