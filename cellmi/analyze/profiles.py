@@ -312,7 +312,15 @@ def align_labels(reference: np.ndarray, labels: np.ndarray) -> dict[int, int]:
 def relabel(
     model: ProfileModel, labels: np.ndarray, mapping: dict[int, int]
 ) -> tuple[ProfileModel, np.ndarray]:
-    """Apply ``mapping`` to labels, the model's fitted labels and the order of its centroids."""
+    """Apply ``mapping`` to labels, the model's fitted labels and the order of its centroids.
+
+    A group that the labelled fields left empty (a mixture component only fitted fields fell in)
+    is absent from ``mapping``; it keeps a fresh id so its centroid and fitted fields stay."""
+    mapping = dict(mapping)
+    fresh = max(mapping.values(), default=-1) + 1
+    for old in range(len(model.centroids)):
+        if old not in mapping:
+            mapping[old], fresh = fresh, fresh + 1
     new = np.array([mapping[int(v)] for v in labels], np.int64)
     size = max(mapping.values()) + 1
     centroids = np.full((size, model.centroids.shape[1]), np.inf, np.float32)

@@ -102,7 +102,7 @@ def test_axis_weights_even_out_how_often_windows_cover_each_pixel():
     assert plain.std() / plain.mean() > 0.4
     assert even.std() / even.mean() < 0.6 * plain.std() / plain.mean()  # halfway: see EVEN_RIDGE
     np.testing.assert_allclose(weights, weights[::-1], atol=1e-9)  # symmetric, edges the heaviest
-    assert weights[0] == weights.max() == 1.0 and weights.min() > 0
+    assert weights.max() == 1.0 and weights[0] == pytest.approx(1.0) and weights.min() > 0
     tiles = np.arange(0, 512, 128)  # windows that tile the axis already cover it evenly
     np.testing.assert_allclose(axis_weights(tiles, 128), 1.0)
 
@@ -159,6 +159,17 @@ def test_profile_clusters_align_and_reassign():
     np.testing.assert_array_equal(aligned, truth)
     np.testing.assert_array_equal(assign_profiles(model, x), truth)  # fitted fields keep theirs
     np.testing.assert_array_equal(assign_profiles(model, x + 0.01), truth)  # new ones: nearest centroid
+
+
+def test_relabel_keeps_a_group_only_fitted_fields_fell_in():
+    x, truth = blobs(3, n=6, dim=10, seed=2)
+    model, labels = fit_profiles(x, 3, dims=4, seed=0)
+    shown = labels != labels[0]  # the labelled fields leave the first group empty
+    mapping = align_labels(truth[shown], labels[shown])
+    model, aligned = relabel(model, labels[shown], mapping)
+    kept = np.unique(model.fit_labels)  # ids without a group hold an infinite centroid, never nearest
+    assert len(kept) == 3 and np.isfinite(model.centroids[kept]).all() and set(aligned) < set(kept)
+    np.testing.assert_array_equal(assign_profiles(model, x)[shown], aligned)
 
 
 def test_align_labels_gives_unmatched_labels_fresh_ids():

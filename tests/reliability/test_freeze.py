@@ -105,7 +105,7 @@ def raw_folder(path, samples: int, fields: int, size: int = 64) -> dict[tuple[st
 
 # ---------------------------------------------------------------- ingest
 def test_a_freeze_during_ingest_ends_in_bound_and_a_rerun_completes(moto, bucket, tmp_path):
-    truth = raw_folder(tmp_path / "raw", samples=3, fields=1)
+    truth = raw_folder(tmp_path / "raw", samples=8, fields=1)  # enough that the freeze lands mid-way
     workdir = f"s3://{bucket}/run"
     args = ["ingest", "--source", str(tmp_path / "raw"), "--workdir", workdir, "--ingest.n_test", "1"]
     env = {**AWS, "AWS_ENDPOINT_URL": moto.url, **FAST_S3}
