@@ -386,7 +386,7 @@ def cluster_fields(
     votes = vote(table, labels).rename(columns={"cluster": "cluster_vote"})
     fields = fields.merge(votes.drop(columns="n_windows"), on=["sample", "field"], how="left", validate="1:1")
     model, plabels = fit_field_clusters(fields, profiles, cfg, k, focus)
-    mapping = align_labels(fields["cluster_vote"].to_numpy(), plabels)
+    mapping = align_labels(fields["cluster_vote"].to_numpy(), plabels, groups=len(model.centroids))
     model, plabels = relabel(model, plabels, mapping)
     fields["cluster_profile"] = plabels
     return fields, profiles, model

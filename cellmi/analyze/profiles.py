@@ -292,17 +292,18 @@ def assign_profiles(model: ProfileModel, profiles: np.ndarray) -> np.ndarray:
     return labels
 
 
-def align_labels(reference: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+def align_labels(reference: np.ndarray, labels: np.ndarray, groups: int = 0) -> dict[int, int]:
     """A one-to-one relabelling of ``labels`` that best matches ``reference`` (Hungarian on overlap).
 
-    Labels left without a partner get fresh ids after the largest reference id.
+    Labels left without a partner get fresh ids after the largest reference id, as do the ids
+    below ``groups`` that ``labels`` never shows (a group only the fitted fields fell in).
     """
     ref_ids, lab_ids = np.unique(reference), np.unique(labels)
     overlap = np.array([[np.sum((labels == a) & (reference == b)) for b in ref_ids] for a in lab_ids])
     rows, cols = linear_sum_assignment(-overlap)
     mapping = {int(lab_ids[r]): int(ref_ids[c]) for r, c in zip(rows, cols, strict=True)}
     fresh = int(ref_ids.max(initial=-1)) + 1
-    for a in lab_ids:
+    for a in np.union1d(lab_ids, np.arange(groups)):
         if int(a) not in mapping:
             mapping[int(a)] = fresh
             fresh += 1
@@ -312,15 +313,8 @@ def align_labels(reference: np.ndarray, labels: np.ndarray) -> dict[int, int]:
 def relabel(
     model: ProfileModel, labels: np.ndarray, mapping: dict[int, int]
 ) -> tuple[ProfileModel, np.ndarray]:
-    """Apply ``mapping`` to labels, the model's fitted labels and the order of its centroids.
-
-    A group that the labelled fields left empty (a mixture component only fitted fields fell in)
-    is absent from ``mapping``; it keeps a fresh id so its centroid and fitted fields stay."""
-    mapping = dict(mapping)
-    fresh = max(mapping.values(), default=-1) + 1
-    for old in range(len(model.centroids)):
-        if old not in mapping:
-            mapping[old], fresh = fresh, fresh + 1
+    """Apply ``mapping`` (covering every group of the model) to labels, the model's fitted labels
+    and the order of its centroids."""
     new = np.array([mapping[int(v)] for v in labels], np.int64)
     size = max(mapping.values()) + 1
     centroids = np.full((size, model.centroids.shape[1]), np.inf, np.float32)

@@ -165,7 +165,7 @@ def test_relabel_keeps_a_group_only_fitted_fields_fell_in():
     x, truth = blobs(3, n=6, dim=10, seed=2)
     model, labels = fit_profiles(x, 3, dims=4, seed=0)
     shown = labels != labels[0]  # the labelled fields leave the first group empty
-    mapping = align_labels(truth[shown], labels[shown])
+    mapping = align_labels(truth[shown], labels[shown], groups=3)
     model, aligned = relabel(model, labels[shown], mapping)
     kept = np.unique(model.fit_labels)  # ids without a group hold an infinite centroid, never nearest
     assert len(kept) == 3 and np.isfinite(model.centroids[kept]).all() and set(aligned) < set(kept)
