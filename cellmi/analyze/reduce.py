@@ -90,12 +90,17 @@ def fit_reducer(
     seed: int,
     subsample_above: int,
     subsample_size: int,
+    umap_seed: int | None = None,
 ) -> Reducer:
-    """Fit standardiser + UMAP on (N, F) vectors, or on a seeded subsample when N > subsample_above."""
+    """Fit standardiser + UMAP on (N, F) vectors, or on a seeded subsample when N > subsample_above.
+
+    ``seed`` draws the subsample and, unless ``umap_seed`` is given, seeds UMAP (restarts fit the
+    same rows under other UMAP seeds).
+    """
     index = subsample_index(len(x), subsample_above, subsample_size, seed)
     scaler = StandardScaler().fit(np.asarray(x[index], np.float32))
     rows = np.ascontiguousarray(scaler.transform(np.asarray(x[index], np.float32)), dtype=np.float32)
-    model = make_umap(dim, neighbors, min_dist, seed, len(rows))
+    model = make_umap(dim, neighbors, min_dist, seed if umap_seed is None else umap_seed, len(rows))
     log.info("UMAP: fitting %d-d on %d of %d windows", dim, len(rows), len(x))
     # On a subsample umap-learn gets the rows as a sparse matrix: below 4,096 rows it then takes all
     # distances from sklearn's vectorised euclidean instead of calling its numba metric once per pair

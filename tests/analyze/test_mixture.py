@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import norm
+from sklearn.metrics import adjusted_rand_score
 
-from cellmi.analyze.job import PROFILE_NEIGHBORS_MAX, fields_per_sample, fit_field_clusters
-from cellmi.analyze.mixture import assign, fit_mixture, nearest_to_centre, select_by_bic, vote
+from cellmi.analyze.job import PROFILE_NEIGHBORS_MAX, cluster_windows, fields_per_sample, fit_field_clusters
+from cellmi.analyze.mixture import assign, fit_mixture, most_agreed, nearest_to_centre, select_by_bic, vote
 from cellmi.analyze.profiles import (
     CONSENSUS_ITEMS,
     RankScaler,
@@ -268,3 +269,23 @@ def test_fields_per_sample_and_which_fields_fit_the_clusters():
     out = fields.copy()
     fit_field_clusters(out, x, ClusterSettings(), 5, focus)
     assert out["blurred"].tolist() == [i == 8 for i in range(20)]
+
+
+def test_most_agreed_keeps_the_partition_the_others_share():
+    truth = np.repeat(np.arange(3), 20)
+    shuffled = np.random.default_rng(0).permutation(truth)
+    renamed = (truth + 1) % 3  # the same partition under other ids
+    assert most_agreed([shuffled, truth, renamed]) in (1, 2)
+    assert most_agreed([truth, shuffled, renamed]) == 0  # a tie goes to the first
+    assert most_agreed([shuffled, truth]) == 0  # two fits cannot outvote each other
+
+
+def test_window_restarts_keep_one_of_the_single_fits():
+    z, _ = blobs(4, n=60, dim=6, seed=3)
+    x = np.concatenate([z, np.random.default_rng(1).normal(size=(len(z), 10))], axis=1).astype(np.float32)
+    cfg = ClusterSettings(seed=5, restarts=3, umap_dim=3)
+    singles = [cluster_windows(x, cfg.model_copy(update={"seed": s, "restarts": 1}), 4, "fixed", None)[3]
+               for s in (5, 6, 7)]
+    kept = cluster_windows(x, cfg, 4, "fixed", None)[3]
+    agree = [adjusted_rand_score(kept.argmax(1), single.argmax(1)) for single in singles]
+    assert max(agree) == pytest.approx(1.0)
