@@ -40,7 +40,7 @@ QUICK = {
     "train": {"steps": 40, "time_budget_s": 30.0, "batch_samples": 4, "fields_per_sample": 2,
               "checkpoint_every": 20},
     "infer": {"workers": 1},
-    "cluster": {"neighbors": 8, "gallery": 4},
+    "cluster": {"neighbors": 8, "gallery": 4, "restarts": 1},
 }
 
 
