@@ -399,6 +399,18 @@ def make_loaders(store, cfg, crop: int, old, shards, device: torch.device) -> tu
     return made, prepare
 
 
+def step_layout(settings, channels: int, device: torch.device):
+    """What `cellmi train` has its loader thread apply to each batch (``step_inputs``); the old loader's
+    batches are laid out in the step, as they were then."""
+    from functools import partial
+
+    from cellmi.train.state import build_trainer
+    from cellmi.train.step import step_inputs
+
+    pool_mask = build_trainer(settings, channels, device).encoder.pool_mask
+    return partial(step_inputs, pool_mask=pool_mask, cfg=settings.train, device=device)
+
+
 def input_runs(args) -> list[dict]:
     """Per batch shape, every store's contenders raced against each other (so "500 against 50 fields" is
     measured under the same load as "new against old"); then the sharded loader alone."""
@@ -428,7 +440,8 @@ def input_runs(args) -> list[dict]:
                                        *args.set], workdir).train
             made, prepare = make_loaders(store, settings.train, settings.model.crop, old, shards, device)
             loaders += made.values()
-            streams = {name: loader.batches(0) for name, loader in made.items()}
+            layout = step_layout(settings, len(store.meta.channels), device)
+            streams = {name: loader.batches(0, None if name == "old" else layout) for name, loader in made.items()}
             entries = [("new", "new", threads)] + ([("old", "old", old_threads)] if "old" in made else [])
             if device.type == "cpu" and threads != old_threads:
                 entries.append(("new, old threads", "new", old_threads))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where it is used: ingest asks for cores() without loading it
     import torch
 
-__all__ = ["autocast", "bf16_native", "cores", "memory_format"]
+__all__ = ["autocast", "autocast_dtype", "bf16_native", "cores", "memory_format"]
 
 
 def cores() -> int:
@@ -38,13 +38,19 @@ def bf16_native(device: torch.device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 when autocast is asked for and bf16 is native on ``device``; otherwise None (no autocast)."""
+    import torch
+
+    return torch.bfloat16 if enabled and bf16_native(device) else None
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on ``device`` when asked for and native there; otherwise no change."""
     import torch
 
-    if enabled and bf16_native(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype(device, enabled)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:

@@ -127,7 +127,7 @@ def _reflect_pad(x: Tensor, radius: int, dim: int) -> Tensor:
 def _gaussian_kernels(sigmas: np.ndarray, radius: int) -> np.ndarray:
     """(M,) sigmas -> (M, 2 * radius + 1) kernels, each as scipy builds it (its own radius, normalised)."""
     offsets = np.arange(-radius, radius + 1)
-    own = (BLUR_TRUNCATE * sigmas + 0.5).astype(int)[:, None]
+    own = _radii(sigmas)[:, None]
     kernels = np.exp(-0.5 / sigmas[:, None] ** 2 * offsets**2) * (np.abs(offsets) <= own)
     return kernels / kernels.sum(axis=1, keepdims=True)
 
@@ -136,10 +136,28 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
     """(M, C, H, W) images, (M,) sigmas in pixels -> each image blurred over H and W with its own sigma.
 
     The same filter as ``scipy.ndimage.gaussian_filter(image, (0, s, s), mode="reflect")``, as one
-    depthwise convolution per axis for the whole batch.
+    depthwise convolution per axis for the crops of each kernel radius (one kernel length for all
+    would cost the largest radius on every crop).
     """
+    radii = _radii(sigmas)
+    if len(np.unique(radii)) == 1:
+        return _blur(images, sigmas, int(radii[0]))
+    out = torch.empty_like(images)
+    for radius in np.unique(radii):
+        chosen = np.flatnonzero(radii == radius)
+        index = device_index(chosen, images.device)
+        out.index_copy_(0, index, _blur(images.index_select(0, index), sigmas[chosen], int(radius)))
+    return out
+
+
+def _radii(sigmas: np.ndarray) -> np.ndarray:
+    """Kernel radius of each sigma, as scipy's."""
+    return (BLUR_TRUNCATE * np.asarray(sigmas, float) + 0.5).astype(int)
+
+
+def _blur(images: Tensor, sigmas: np.ndarray, radius: int) -> Tensor:
+    """``gaussian_blur`` with kernels of one ``radius`` (at least each sigma's own)."""
     m, c, h, w = images.shape
-    radius = int(BLUR_TRUNCATE * float(sigmas.max()) + 0.5)
     kernels = torch.from_numpy(_gaussian_kernels(sigmas, radius).astype(np.float32))
     kernels = kernels.to(images.device, non_blocking=True)
     weight = kernels.repeat_interleave(c, dim=0)[:, None]  # (M * C, 1, K)

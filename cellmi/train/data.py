@@ -16,9 +16,10 @@ to one rank, and every rank takes the same number of steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,14 +242,16 @@ class CropLoader:
             blurred = torch.lerp(raw, blurred, ramps)
         images.index_copy_(0, index, blurred.clamp_(min=0).log1p_().sub_(self.mean).div_(self.std))
 
-    def batches(self, start: int) -> Iterator[Batch]:
+    def batches(self, start: int, finish: Callable[[Batch], Any] | None = None) -> Iterator[Any]:
         """Batches of steps start, start+1, ...; the next ones are made while the caller trains, and
-        the next shard (if any) loads while the current one is walked.
+        the next shard (if any) loads while the current one is walked. ``finish``, when given, is applied
+        to each batch on the loader's thread too (the step's layout of it, ``step_inputs``).
 
         Each batch is a pure function of its step, so several threads make the same stream.
         """
+        make = self.batch if finish is None else lambda step: finish(self.batch(step))
         ahead = max(PREFETCH, 2 * self.threads)
-        pending: list[Future[Batch]] = [self._pool.submit(self.batch, start + i) for i in range(ahead)]
+        pending: list[Future[Any]] = [self._pool.submit(make, start + i) for i in range(ahead)]
         step, visit = start + ahead, -1
         while True:
             now = self.plan.visit(step - ahead)
@@ -256,7 +259,7 @@ class CropLoader:
                 visit = now.number
                 self.resident.prefetch(self.plan.next_shard(now))
             batch = pending.pop(0).result()
-            pending.append(self._pool.submit(self.batch, step))
+            pending.append(self._pool.submit(make, step))
             step += 1
             yield batch
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from cellmi.log import log, progress
 from cellmi.settings import Settings
 from cellmi.store import STORE_NAME, ImageStore, filesystem, is_s3, join, open_store, write_bytes_atomic
 from cellmi.train.checkpoint import latest_checkpoint, save_checkpoint
-from cellmi.train.data import Batch, CropLoader
+from cellmi.train.data import CropLoader
 from cellmi.train.distributed import DistInfo, broadcast_object, max_over_ranks, mean_over_ranks
 from cellmi.train.state import (
     Trainer,
@@ -27,7 +28,7 @@ from cellmi.train.state import (
     set_learning_rates,
     wrap_distributed,
 )
-from cellmi.train.step import METRICS, train_step
+from cellmi.train.step import METRICS, StepInputs, step_inputs, train_step
 from cellmi.watchdog import mark_progress, waiting
 
 __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_training"]
@@ -241,7 +242,7 @@ def _log(run: _Run, values: torch.Tensor) -> None:
     run.window_start, run.window_sum, run.window_steps, run.window_wait = time.perf_counter(), None, 0, 0.0
 
 
-def _step(run: _Run, batches: Iterator[Batch]) -> None:
+def _step(run: _Run, batches: Iterator[StepInputs]) -> None:
     """One step on the next batch; the time budget counts the wait for it."""
     cfg, trainer = run.settings.train, run.trainer
     started = time.perf_counter()
@@ -270,7 +271,9 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
         try:
             # A step waits on crops from the store and, under torchrun, on the other processes.
             with sigterm_flag() as signalled, waiting(f"the next training step ({dist.world} process(es))"):
-                batches = run.loader.batches(run.trainer.step)
+                layout = partial(step_inputs, pool_mask=run.trainer.encoder.pool_mask, cfg=settings.train,
+                                 device=dist.device)
+                batches = run.loader.batches(run.trainer.step, layout)
                 while True:
                     reason, done = stop_reason(run.trainer, settings, signalled["set"], dist)
                     if reason is not None:

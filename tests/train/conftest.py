@@ -94,3 +94,11 @@ def store_dir(tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("tiny"))
     make_store(join(workdir, STORE_NAME))
     return workdir
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-cpu", "plain-cpu"])
+def native(request, monkeypatch) -> bool:
+    """The CPU computes bf16 natively (AMX / AVX-512 BF16) or not, whatever this machine has."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: request.param, raising=False)
+    return request.param

@@ -23,7 +23,7 @@ from cellmi.train.data import CropLoader
 from cellmi.train.distributed import all_gather_tensor, init_distributed, teardown
 from cellmi.train.loop import run_training
 from cellmi.train.state import build_trainer, wrap_distributed
-from cellmi.train.step import _inputs, _mi_terms
+from cellmi.train.step import _mi_terms, step_inputs
 
 
 def gradient_error(settings: Settings, dist) -> float:
@@ -34,8 +34,9 @@ def gradient_error(settings: Settings, dist) -> float:
     wrap_distributed(trainer, dist)
     loader = CropLoader(store, settings.train, settings.model.crop, dist.rank, dist.world)
     batch = loader.batch(0)
-    x, ids, valid, share = _inputs(trainer, batch, settings.train, dist.device)
-    content = batch.content.flatten(0, 1)
+    float32 = settings.train.model_copy(update={"amp": False})  # both forwards below run without autocast
+    inputs = step_inputs(batch, trainer.encoder.pool_mask, float32, dist.device)
+    x, ids, valid, share, content = inputs.x, inputs.ids, inputs.valid, inputs.share, inputs.content
     loader.close()
     out = trainer.train_net(x, valid, share)
     local, _ = _mi_terms(out, ids, valid, settings.train, gather=True)

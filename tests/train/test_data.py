@@ -176,7 +176,7 @@ def test_cpu_and_device_paths_cut_and_select_the_same(store_dir):
 def test_batched_blur_is_scipys_gaussian_filter_per_crop():
     rng = np.random.default_rng(1)
     images = rng.gamma(2.0, 100.0, size=(4, 2, 40, 40)).astype(np.float32)
-    sigmas = np.array([0.5, 0.9, 1.6, 3.7])  # radii 2, 4, 6 and 15 pixels: one kernel size for all
+    sigmas = np.array([0.5, 0.9, 1.6, 3.7])  # radii 2, 4, 6 and 15 pixels: a kernel length each
     got = gaussian_blur(torch.from_numpy(images), sigmas).numpy()
     for image, sigma, out in zip(images, sigmas, got, strict=True):
         want = gaussian_filter(image, sigma=(0, sigma, sigma), mode="reflect")

@@ -18,13 +18,6 @@ from cellmi.train.loop import intra_op_threads
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(params=[True, False], ids=["bf16-cpu", "plain-cpu"])
-def native(request, monkeypatch) -> bool:
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: request.param, raising=False)
-    return request.param
-
-
 def test_autocast_only_where_bf16_is_native(native):
     assert hardware.bf16_native(CPU) is native
     assert hardware.bf16_native(torch.device("cuda")) is True
