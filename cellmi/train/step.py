@@ -69,7 +69,7 @@ def step_inputs(
     batch: Batch, pool_mask: Callable[[Tensor], Tensor], cfg: TrainSettings, device: torch.device
 ) -> StepInputs:
     """``batch`` laid out for the step. The loader's thread calls this (``CropLoader.batches``), so the
-    step's own thread only trains: the copy into channels_last bf16 and the mask pooling took a seventh of
+    step's own thread only trains: the copy into channels_last bf16 and the mask pooling took a sixth of
     a CPU step. The bf16 copy is the one autocast would make at the first convolution, so no value changes."""
     n = batch.images.shape[1]
     dtype = autocast_dtype(device, cfg.amp) or batch.images.dtype
