@@ -399,25 +399,16 @@ def make_loaders(store, cfg, crop: int, old, shards, device: torch.device) -> tu
     return made, prepare
 
 
-def step_layout(settings, channels: int, device: torch.device):
-    """What `cellmi train` has its loader thread apply to each batch (``step_inputs``); the old loader's
-    batches are laid out in the step, as they were then."""
-    from functools import partial
-
-    from cellmi.train.state import build_trainer
-    from cellmi.train.step import step_inputs
-
-    pool_mask = build_trainer(settings, channels, device).encoder.pool_mask
-    return partial(step_inputs, pool_mask=pool_mask, cfg=settings.train, device=device)
-
-
 def input_runs(args) -> list[dict]:
     """Per batch shape, every store's contenders raced against each other (so "500 against 50 fields" is
     measured under the same load as "new against old"); then the sharded loader alone."""
     from cellmi.hardware import cores
+    from cellmi.model import build_encoder
     from cellmi.store import open_store
     from cellmi.train.distributed import DistInfo
     from cellmi.train.loop import intra_op_threads
+    from cellmi.train.state import model_arch
+    from cellmi.train.step import batch_layout
 
     device = torch.device(args.device)
     dist = DistInfo(0, 1, 0, 1, device)
@@ -440,7 +431,9 @@ def input_runs(args) -> list[dict]:
                                        *args.set], workdir).train
             made, prepare = make_loaders(store, settings.train, settings.model.crop, old, shards, device)
             loaders += made.values()
-            layout = step_layout(settings, len(store.meta.channels), device)
+            # the old loader's batches are laid out in the step, as they were then
+            encoder = build_encoder(model_arch(settings, len(store.meta.channels)), 0)
+            layout = batch_layout(encoder, settings.train, device)
             streams = {name: loader.batches(0, None if name == "old" else layout) for name, loader in made.items()}
             entries = [("new", "new", threads)] + ([("old", "old", old_threads)] if "old" in made else [])
             if device.type == "cpu" and threads != old_threads:

@@ -140,10 +140,11 @@ def gaussian_blur(images: Tensor, sigmas: np.ndarray) -> Tensor:
     would cost the largest radius on every crop).
     """
     radii = _radii(sigmas)
-    if len(np.unique(radii)) == 1:
-        return _blur(images, sigmas, int(radii[0]))
+    lengths = np.unique(radii)
+    if len(lengths) == 1:  # no copies in and out
+        return _blur(images, sigmas, int(lengths[0]))
     out = torch.empty_like(images)
-    for radius in np.unique(radii):
+    for radius in lengths:
         chosen = np.flatnonzero(radii == radius)
         index = device_index(chosen, images.device)
         out.index_copy_(0, index, _blur(images.index_select(0, index), sigmas[chosen], int(radius)))

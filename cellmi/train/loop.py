@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from cellmi.train.state import (
     set_learning_rates,
     wrap_distributed,
 )
-from cellmi.train.step import METRICS, StepInputs, step_inputs, train_step
+from cellmi.train.step import METRICS, StepInputs, batch_layout, train_step
 from cellmi.watchdog import mark_progress, waiting
 
 __all__ = ["CHECKPOINTS", "METRICS_FILE", "MetricsLog", "TrainResult", "run_training"]
@@ -271,8 +270,7 @@ def run_training(settings: Settings, dist: DistInfo) -> TrainResult:
         try:
             # A step waits on crops from the store and, under torchrun, on the other processes.
             with sigterm_flag() as signalled, waiting(f"the next training step ({dist.world} process(es))"):
-                layout = partial(step_inputs, pool_mask=run.trainer.encoder.pool_mask, cfg=settings.train,
-                                 device=dist.device)
+                layout = batch_layout(run.trainer.encoder, settings.train, dist.device)
                 batches = run.loader.batches(run.trainer.step, layout)
                 while True:
                     reason, done = stop_reason(run.trainer, settings, signalled["set"], dist)

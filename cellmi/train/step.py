@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,12 +20,13 @@ from cellmi.losses import (
     prior_generator_loss,
     prior_weight,
 )
+from cellmi.model import Encoder
 from cellmi.settings import TrainSettings
 from cellmi.train.data import Batch
 from cellmi.train.distributed import DistInfo, all_gather_tensor, all_gather_with_grad
 from cellmi.train.state import Trainer, update_average
 
-__all__ = ["METRICS", "StepInputs", "frozen", "step_inputs", "train_step"]
+__all__ = ["METRICS", "StepInputs", "batch_layout", "frozen", "step_inputs", "train_step"]
 
 # Names of the values train_step returns, in order.
 METRICS = ("loss", "local", "global", "content", "prior_gen", "prior_disc", "gamma", "grad_norm")
@@ -80,6 +82,12 @@ def step_inputs(
     ids = batch.samples.to(device).repeat_interleave(n)
     content = batch.content.flatten(0, 1).to(device)
     return StepInputs(x, ids, share >= cfg.local_foreground, share, content)
+
+
+def batch_layout(encoder: Encoder, cfg: TrainSettings, device: torch.device) -> Callable[[Batch], StepInputs]:
+    """``step_inputs`` for ``encoder``'s local grid, as a function of the batch alone (what the loader's
+    thread applies, ``CropLoader.batches``)."""
+    return partial(step_inputs, pool_mask=encoder.pool_mask, cfg=cfg, device=device)
 
 
 def _mi_terms(
@@ -145,7 +153,7 @@ def train_step(trainer: Trainer, inputs: StepInputs | Batch, cfg: TrainSettings,
     """One step of encoder + critics, then one of the prior discriminator; returns the METRICS (detached).
     A ``Batch`` is laid out here (``step_inputs``), in the step's own time."""
     if isinstance(inputs, Batch):
-        inputs = step_inputs(inputs, trainer.encoder.pool_mask, cfg, dist.device)
+        inputs = batch_layout(trainer.encoder, cfg, dist.device)(inputs)
     loss, local, global_, content, generator, gamma, grad_norm, codes = _encoder_step(trainer, inputs, cfg, dist)
     disc = _prior_step(trainer, codes, cfg, dist)
     values = [loss, local, global_, content, generator, disc, gamma.to(codes.device, non_blocking=True), grad_norm]

@@ -4,7 +4,6 @@ step on it equals a step on the plain batch."""
 from __future__ import annotations
 
 import threading
-from functools import partial
 
 import torch
 
@@ -12,7 +11,7 @@ from cellmi.store import STORE_NAME, join, open_store
 from cellmi.train.data import CropLoader
 from cellmi.train.distributed import DistInfo
 from cellmi.train.state import build_trainer
-from cellmi.train.step import StepInputs, step_inputs, train_step
+from cellmi.train.step import StepInputs, batch_layout, step_inputs, train_step
 
 from .conftest import tiny_settings
 
@@ -51,8 +50,7 @@ def test_the_layout_is_made_on_the_loader_thread_and_moves_no_value(store_dir, n
 
 def test_a_step_on_the_layout_equals_a_step_on_the_batch(store_dir, native):
     loader, settings = loader_and_settings(store_dir)
-    layout = partial(step_inputs, pool_mask=build_trainer(settings, 3, CPU).encoder.pool_mask, cfg=settings.train,
-                     device=CPU)
+    layout = batch_layout(build_trainer(settings, 3, CPU).encoder, settings.train, CPU)
     try:
         batches = [loader.batch(step) for step in range(3)]
     finally:
