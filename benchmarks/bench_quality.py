@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cellmi.settings import env_names
+from cellmi.train.checkpoint import checkpoint_steps
 
 OUT = Path(__file__).resolve().parent / "out"
 SPLITS = (0, 1, 2)
@@ -239,9 +240,16 @@ def collect(run: Run, workdir: Path) -> dict | None:
         "wall_s": record.get("wall_s"),
         "reused_from": record.get("reused_from"),
         "stages_s": {k: v["seconds"] for k, v in stages.items()},
+        "steps": trained_steps(workdir),
         "scores": run_scores,
         "dim_ahead": dim_ahead(run_scores),
     }
+
+
+def trained_steps(workdir: Path) -> int | None:
+    """The step training stopped at (its newest checkpoint): with a time budget it depends on the machine."""
+    steps = checkpoint_steps(str(workdir / "checkpoints"))
+    return steps[0][0] if steps else None
 
 
 # ---------------------------------------------------------------- summary
@@ -357,10 +365,11 @@ def bars_table(checks: list[dict]) -> str:
 
 
 def runs_table(results: list[dict]) -> str:
-    head = ["run", "wall (s)", "train (s)"] + [f"DIM {m}" for m in METRICS] + ["DIM ahead"]
+    head = ["run", "wall (s)", "train (s)", "steps"] + [f"DIM {m}" for m in METRICS] + ["DIM ahead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [r["name"], _num(r["wall_s"], ".0f"), _num(r["stages_s"].get("train"), ".0f")]
+        cells = [r["name"], _num(r["wall_s"], ".0f"), _num(r["stages_s"].get("train"), ".0f"),
+                 _num(r.get("steps"), "d")]
         cells += [_num(r["scores"]["dim"][m]) for m in METRICS] + ["yes" if r["dim_ahead"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

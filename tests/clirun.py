@@ -8,6 +8,12 @@ import sys
 
 ENV_DROP = ("CELLMI_", "AWS_", "DASK_")
 
+# Fake credentials for the moto server (it takes any), distinctive so that the security tests can search
+# every output for them.
+AWS_KEY_ID = "AKIAQXZSECRETKEYID77"
+AWS_SECRET = "sEcReT-aws-key-Zq9vX2wY8tU1"
+AWS = {"AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+
 
 def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without cellmi, AWS or Dask settings, plus ``env``."""

@@ -8,7 +8,8 @@ import pytest
 
 from cellmi.errors import InfrastructureError
 from cellmi.store import S3Limits, read_bytes, set_s3_limits, write_bytes_atomic
-from tests.reliability.servers import AWS, SilentServer
+from tests.clirun import AWS
+from tests.reliability.servers import SilentServer
 
 
 @pytest.fixture

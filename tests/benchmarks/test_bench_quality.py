@@ -148,10 +148,12 @@ def test_quick_protocol_runs_reports_and_then_resumes_instead_of_repeating(tmp_p
     assert run["name"] == "heldout-d6-s0-t0" and run["suites"] == ["heldout"]
     assert all(run["scores"][fs]["all-sample image ARI"] is not None for fs in bq.FEATURE_SETS)
     assert run["scores"]["dim"]["all-sample field NN accuracy"] is not None
+    assert run["steps"] == 40  # --quick trains 40 steps; the table shows them
     checked = {c["metric"] for c in report["summary"]["heldout"]["bars"]}
     assert checked >= {"held-out image ARI", "DIM above both baselines"}
     markdown = (tmp_path / "quality-quick.md").read_text()
     assert "Held-out draws" in markdown and "Quick runs" in markdown
+    assert "| heldout-d6-s0-t0 |" in markdown and "| 40 |" in markdown
     run_json = tmp_path / "quality-quick" / "heldout-d6-s0-t0" / "run.json"
     before = run_json.stat().st_mtime_ns
     again = protocol()

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 
@@ -224,21 +222,6 @@ def test_a_folder_holding_another_run_is_refused_untouched_unless_forced(quick_r
 
 
 # ---------------------------------------------------------------- on S3
-@pytest.fixture(scope="module")
-def s3_run(s3_endpoint):
-    """One quick run in a fresh bucket of the moto server: (workdir URL, env, boto3 client, the process)."""
-    bucket = "cellmi-run-" + os.urandom(4).hex()
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
-    workdir = f"s3://{bucket}/run"
-    proc = quick(workdir, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, env, s3, proc
-
-
 def objects(s3, workdir: str) -> dict[str, tuple]:
     bucket, prefix = workdir.removeprefix("s3://").split("/", 1)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
@@ -247,8 +230,8 @@ def objects(s3, workdir: str) -> dict[str, tuple]:
 
 
 @pytest.mark.slow
-def test_a_quick_run_on_s3_writes_every_output_there(s3_run):
-    workdir, _, s3, proc = s3_run
+def test_a_quick_run_on_s3_writes_every_output_there(s3_quick_run):
+    workdir, s3, proc = s3_quick_run.workdir, s3_quick_run.s3, s3_quick_run.proc
     assert headline(proc.stdout)[0] == f"report: {workdir}/analysis/report.html"
     assert [line.split()[0] for line in headline(proc.stdout)[1:]] == ["dim", "random", "handcrafted"]
     assert ran(proc.stderr) == list(OUTPUTS)
@@ -263,8 +246,8 @@ def test_a_quick_run_on_s3_writes_every_output_there(s3_run):
 
 
 @pytest.mark.slow
-def test_the_same_run_on_s3_again_reuses_every_stage(s3_run):
-    workdir, env, s3, _ = s3_run
+def test_the_same_run_on_s3_again_reuses_every_stage(s3_quick_run):
+    workdir, env, s3 = s3_quick_run.workdir, s3_quick_run.env, s3_quick_run.s3
     before = objects(s3, workdir)
     again = quick(workdir, env=env)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -15,8 +15,6 @@ import time
 
 from tests.clirun import clean_env
 
-AWS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
-       "AWS_DEFAULT_REGION": "us-east-1"}
 # S3 timeouts short enough for a test: a request is given up on after two tries of about a second.
 FAST_S3 = {"CELLMI_TIMEOUTS__S3_CONNECT_S": "1", "CELLMI_TIMEOUTS__S3_READ_S": "1",
            "CELLMI_TIMEOUTS__S3_ATTEMPTS": "2"}

@@ -30,10 +30,10 @@ from cellmi.errors import INFRA_EXIT
 from cellmi.representations import load_representations
 from cellmi.store import STORE_NAME, join
 from cellmi.train.checkpoint import load_encoder
-from tests.clirun import assert_one_line_error, cellmi, clean_env
+from tests.clirun import AWS, assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
-from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, wait_for
+from tests.reliability.servers import FAST_S3, MotoServer, Proxy, wait_for
 from tests.train.conftest import make_store as make_train_store
 from tests.train.conftest import train_env
 

@@ -30,10 +30,10 @@ from cellmi.store import S3Limits, join, open_store, set_s3_limits
 from cellmi.train.checkpoint import latest_checkpoint, load_encoder
 from tests.analyze.conftest import make_reps
 from tests.analyze.conftest import make_store as make_analysis_store
-from tests.clirun import assert_one_line_error, cellmi, clean_env
+from tests.clirun import AWS, assert_one_line_error, cellmi, clean_env
 from tests.infer.standin import make_store as make_infer_store
 from tests.infer.standin import write_checkpoint
-from tests.reliability.servers import AWS, FAST_S3, MotoServer, Proxy, free_port, wait_for
+from tests.reliability.servers import FAST_S3, MotoServer, Proxy, free_port, wait_for
 from tests.train.conftest import make_store as make_train_store
 from tests.train.conftest import train_env
 
