@@ -1,6 +1,6 @@
 """Run every benchmark and write one JSON + Markdown summary (what docs/results.md shows).
 
-    python benchmarks/run_all.py                      # all of them (about 45 minutes on 2 cores)
+    python benchmarks/run_all.py                      # all of them (about 50 minutes on 2 cores)
     python benchmarks/run_all.py --only train infer   # some of them
     python benchmarks/run_all.py --render-only        # tables from the JSON already in benchmarks/out
 
@@ -29,12 +29,14 @@ OUT = HERE / "out"
 # the whole report); quality last: it is the longest
 BENCHES = {
     "train": ("bench_train.py", "train.json", "table", None),
+    "step": ("bench_step.py", "step.json", "table", None),
     "infer": ("bench_infer.py", "infer.json", "table", None),
     "cluster": ("bench_cluster.py", "cluster.json", "table", None),
     "quality": ("bench_quality.py", "quality.json", "table", "results"),
 }
 TITLES = {
     "train": "Training speed",
+    "step": "Where a CPU training step's time goes",
     "infer": "Inference speed",
     "cluster": "Clustering time by number of windows",
     "quality": "Quality protocol: `cellmi run` defaults on development and held-out synthetic draws",
