@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train's store and settings helpers
 
-from bench_train import screen_store, settings_for
+from bench_train import _steps, random_batch, screen_store, settings_for
 
 OUT = Path(__file__).resolve().parent / "out"
 VARIANTS = {
@@ -56,37 +57,24 @@ STAGES = {"cut": "_crops", "content": "crop_content", "nuisances": "_nuisance", 
 
 def fixed_step(variant: str, steps: int, repeats: int) -> dict:
     """ms per ``train_step`` of ``variant`` on one random batch held fixed (run in a process of its own)."""
-    from cellmi.train.data import Batch, content_size
     from cellmi.train.distributed import DistInfo
     from cellmi.train.state import build_trainer
-    from cellmi.train.step import batch_layout, train_step
+    from cellmi.train.step import batch_layout
 
     overrides, threads = VARIANTS[variant]
     torch.set_num_threads(threads)
     settings = settings_for(overrides, OUT / "step-work")
-    cfg, crop, cpu = settings.train, settings.model.crop, torch.device("cpu")
+    cpu = torch.device("cpu")
     trainer = build_trainer(settings, 3, cpu)
     if variant == "compiled":
         trainer.net_ddp = torch.compile(trainer.net)  # train_net is the wrapper when there is one
     if variant == "foreach":
-        trainer.optim = torch.optim.Adam(trainer.net.parameters(), lr=cfg.lr, foreach=True)
-    b, n = cfg.batch_samples, cfg.fields_per_sample
-    g = torch.Generator().manual_seed(0)
-    batch = Batch(torch.randn(b, n, 3, crop, crop, generator=g), torch.rand(b, n, crop, crop, generator=g) > 0.5,
-                  torch.arange(b), torch.rand(b, n, content_size(3), generator=g))
-    inputs = batch_layout(trainer.encoder, cfg, cpu)(batch)
+        trainer.optim = torch.optim.Adam(trainer.net.parameters(), lr=settings.train.lr, foreach=True)
+    fixed = itertools.repeat(batch_layout(trainer.encoder, settings.train, cpu)(random_batch(settings)))
     dist = DistInfo(0, 1, 0, 1, cpu)
-    start = time.perf_counter()
-    train_step(trainer, inputs, cfg, dist)
-    first = time.perf_counter() - start
-    for _ in range(4):
-        train_step(trainer, inputs, cfg, dist)
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            train_step(trainer, inputs, cfg, dist)
-        timings.append((time.perf_counter() - start) / steps * 1000)
+    first = _steps(trainer, fixed, settings, dist, 1)[0]
+    _steps(trainer, fixed, settings, dist, 4)
+    timings = [_steps(trainer, fixed, settings, dist, steps)[0] / steps * 1000 for _ in range(repeats)]
     return {"variant": variant, "threads": threads, "overrides": overrides, "first_step_s": round(first, 2),
             "ms_per_step": round(statistics.median(timings), 1), "ms_all": [round(t, 1) for t in timings]}
 

@@ -109,9 +109,19 @@ def settings_for(overrides: list[str], workdir: Path):
         os.environ.update(saved)
 
 
+def random_batch(settings, seed: int = 0):
+    """A batch of the settings' shape (B samples x N fields of 3-channel crops) of random pixels and masks."""
+    from cellmi.train.data import Batch, content_size
+
+    cfg, crop = settings.train, settings.model.crop
+    b, n = cfg.batch_samples, cfg.fields_per_sample
+    g = torch.Generator().manual_seed(seed)
+    images, masks = torch.randn(b, n, 3, crop, crop, generator=g), torch.rand(b, n, crop, crop, generator=g) > 0.5
+    return Batch(images, masks, torch.arange(b), torch.randn(b, n, content_size(3), generator=g))
+
+
 def flops_per_crop(overrides: list[str]) -> tuple[float, dict]:
     """FLOPs of one training step (encoder + critics forward/backward, prior step) divided by its crops."""
-    from cellmi.train.data import Batch, content_size
     from cellmi.train.distributed import DistInfo
     from cellmi.train.state import build_trainer
     from cellmi.train.step import train_step
@@ -120,8 +130,7 @@ def flops_per_crop(overrides: list[str]) -> tuple[float, dict]:
     cfg, crop = settings.train, settings.model.crop
     trainer = build_trainer(settings, 3, torch.device("cpu"))
     b, n = cfg.batch_samples, cfg.fields_per_sample
-    images, masks = torch.randn(b, n, 3, crop, crop), torch.rand(b, n, crop, crop) > 0.5
-    batch = Batch(images, masks, torch.arange(b), torch.randn(b, n, content_size(3)))
+    batch = random_batch(settings)
     dist = DistInfo(0, 1, 0, 1, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
         train_step(trainer, batch, cfg, dist)
