@@ -2,13 +2,17 @@
 
     python benchmarks/bench_profiles.py --tags blur35 blur35-d34          # development runs only
     python benchmarks/bench_profiles.py --tags blur35 --ridges 0.25 0.5 1 --density 0 1 2
+    python benchmarks/bench_profiles.py --tags base --scales 512 128   # profiles from other window edges
 
 The encoder, the data and the vectors stay as each run left them; only the step from window vectors
 to field groups changes: ``weighted`` (foreground-weighted mean of the windows), ``even`` at each
 ``--ridges`` value (the same, evened out over the field; see ``axis_weights``), and, for the default
 ridge, each ``--density`` weight (the field's cover, the share of it in its foreground mask, as one
 more profile feature; the others leave it out) and each ``--fg-powers`` power of the windows'
-foreground in their weight (0: not weighted by foreground). Grouping is `cellmi cluster`'s profile
+foreground in their weight (0: not weighted by foreground). With ``--scales``, each run's encoder (its
+checkpoint) embeds its fields (its store) again with windows of each edge given, and each scale's
+profile is scored alone and beside the run's own (both with the cover, as ``cluster`` does): the
+multi-scale question, asked without training anew. Grouping is `cellmi cluster`'s profile
 step with its defaults (spectral consensus on rank-scaled profiles, one group per sample), on all
 samples and on the held-out ones. Settings are chosen on development runs only
 (quality-protocol.md): pass folders of dev runs. Writes out/profiles[-tag].json and .md: per
@@ -24,11 +28,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cellmi.analyze import job
 from cellmi.analyze.profiles import EVEN_RIDGE, field_profiles
+from cellmi.infer.embed import embed_shared
+from cellmi.infer.windows import foreground_fraction, window_grid
 from cellmi.representations import load_representations
-from cellmi.settings import ClusterSettings
+from cellmi.settings import ClusterSettings, InferSettings
+from cellmi.store import open_store
+from cellmi.train.checkpoint import load_encoder
 
 OUT = Path(__file__).resolve().parent / "out"
 SCORES = ("all-sample image ARI", "held-out image ARI", "all-sample field NN accuracy")
@@ -48,6 +57,49 @@ def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
     return {"image_ari": image, "nn_accuracy": job.retrieval_scores(model, profiles, fields)["nn_accuracy"]}
 
 
+def scale_profiles(run: Path, fields, window: int) -> np.ndarray:
+    """(n_fields, G) profiles of ``fields`` (rows in profile order) from windows of edge ``window``,
+    a quarter window apart, embedded anew by the run's encoder and aggregated as ``cluster`` does."""
+    encoder, _ = load_encoder(str(run / "checkpoints"))
+    store = open_store(str(run / "store.zarr"))
+    least = InferSettings().min_foreground
+    out = []
+    for sample, field in zip(fields["sample"].astype(str), fields["field"].astype(str), strict=True):
+        raw, mask = store.read_image(sample, field), store.read_mask(sample, field)
+        corners = window_grid(raw.shape[1:], window, max(encoder.stride, window // 4))
+        fg = foreground_fraction(mask, corners, window)
+        keep = fg >= least if (fg >= least).any() else np.ones(len(fg), bool)
+        vectors = embed_shared(encoder, store.normalise(raw, mask), corners[keep], window, mask=mask)
+        table = pd.DataFrame({"sample": sample, "field": field, "split": "", "fg_fraction": fg[keep],
+                              "y": corners[keep, 0], "x": corners[keep, 1]})
+        out.append(field_profiles(table, vectors, "even", False, window)[1][0])
+    return np.stack(out)
+
+
+def scale_scores(run: Path, reps, scales: list[int], cfg: ClusterSettings, focus) -> dict[str, dict[str, float]]:
+    """Each scale's profile alone and beside the run's own, on all samples and on the held-out ones."""
+    window = job.window_of(reps)
+    fields, own = field_profiles(reps.table, reps.features["dim"], "even", True, window)
+    held = (fields["split"] == "test").to_numpy()
+    out = {}
+    for edge in scales:
+        other = scale_profiles(run, fields, edge)
+        for name, profiles in ((f"scale {edge}", np.hstack([other, own[:, -1:]])),
+                               (f"even + scale {edge}", np.hstack([own[:, :-1], other, own[:, -1:]]))):
+            scores = [_grouped(fields[rows].copy(), profiles[rows], cfg, focus, job.phenotype_map(reps))
+                      for rows in (np.ones(len(fields), bool), held)]
+            out[name] = dict(zip(SCORES, (scores[0][0], scores[1][0], scores[0][1]), strict=True))
+    return out
+
+
+def _grouped(fields, profiles: np.ndarray, cfg: ClusterSettings, focus, phen: dict) -> tuple[float, float]:
+    """Image ARI and field NN accuracy of ``fields`` grouped from ``profiles`` (the cover last)."""
+    k = int(fields["sample"].nunique())
+    model, labels = job.fit_field_clusters(fields, profiles.astype(np.float32), cfg, k, focus)
+    return job.image_scores(fields, labels, "", phen)["image_ari"], job.retrieval_scores(model, profiles, fields)[
+        "nn_accuracy"]
+
+
 def variants(ridges: list[float], densities: list[float], powers: list[float]) -> list[tuple]:
     """(name, aggregation, ridge, density weight, power of the windows' foreground in their weight)."""
     out = [("weighted", "weighted", EVEN_RIDGE, 0.0, 1.0)]
@@ -57,7 +109,7 @@ def variants(ridges: list[float], densities: list[float], powers: list[float]) -
     return out
 
 
-def score_run(folder: Path, plan: list[tuple]) -> dict[str, dict[str, float]]:
+def score_run(folder: Path, plan: list[tuple], scales: list[int]) -> dict[str, dict[str, float]]:
     url = str(folder / "representations.zarr")
     reps = job.with_cover(job.usable_windows(load_representations(url), url), from_store=True)
     cfg = ClusterSettings()
@@ -66,13 +118,13 @@ def score_run(folder: Path, plan: list[tuple]) -> dict[str, dict[str, float]]:
     for recipe in plan:
         whole, held = (group(reps, split, recipe, cfg, focus) for split in ("all", "test"))
         out[recipe[0]] = dict(zip(SCORES, (whole["image_ari"], held["image_ari"], whole["nn_accuracy"]), strict=True))
-    return out
+    return out | (scale_scores(folder, reps, scales, cfg, focus) if scales else {})
 
 
-def table(results: dict[str, dict[str, dict[str, float]]], plan: list) -> str:
+def table(results: dict[str, dict[str, dict[str, float]]], names: list[str]) -> str:
     lines = ["| variant | " + " | ".join(f"{s} mean (min)" for s in SCORES) + " |",
              "|---|" + "---|" * len(SCORES)]
-    for name, *_ in plan:
+    for name in names:
         cells = []
         for score in SCORES:
             values = np.array([run[name][score] for run in results.values()], np.float64)
@@ -88,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     parser.add_argument("--fg-powers", type=float, nargs="+", default=[0.0, 0.5],
                         help="powers of each window's foreground fraction in its weight (1: as cluster does)")
+    parser.add_argument("--scales", type=int, nargs="*", default=[],
+                        help="window edges to embed each run's fields at again (needs its checkpoints and store)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--tag", default="", help="name of the report (out/profiles-TAG)")
     args = parser.parse_args(argv)
@@ -101,12 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{heldout[0]}: a held-out run; choose profile settings on development runs only")
     results = {}
     for run in runs:
-        scored = results[f"{run.parent.name}/{run.name}"] = score_run(run, plan)
+        scored = results[f"{run.parent.name}/{run.name}"] = score_run(run, plan, args.scales)
         print(run.name, json.dumps({k: round(v["all-sample image ARI"], 3) for k, v in scored.items()}),
               flush=True, file=sys.stderr)
     name = "profiles" + (f"-{args.tag}" if args.tag else "")
-    markdown = table(results, plan)
-    (args.out / f"{name}.json").write_text(json.dumps({"variants": [p[0] for p in plan], "runs": results}, indent=2))
+    names = list(next(iter(results.values())))
+    markdown = table(results, names)
+    (args.out / f"{name}.json").write_text(json.dumps({"variants": names, "runs": results}, indent=2))
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
 

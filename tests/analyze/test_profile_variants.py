@@ -6,11 +6,16 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from cellmi.representations import write_representations
+from cellmi.store import open_store
+from tests.infer.standin import tiny_encoder, write_checkpoint
 
-from .conftest import make_reps
+from .conftest import SIZE, make_reps, make_store
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_profiles.py"
 _spec = importlib.util.spec_from_file_location("bench_profiles", SCRIPT)
@@ -37,3 +42,27 @@ def test_every_variant_is_scored_on_every_run_and_held_out_runs_are_refused(tmp_
     with pytest.raises(SystemExit, match="held-out run"):
         bp.main(["--tags", "t", "--out", str(tmp_path)])
 
+
+
+def test_a_scale_as_large_as_the_field_profiles_each_field_by_its_whole_field_vector(tmp_path):
+    run = tmp_path / "quality-t" / "dev-d1-s0-t0"
+    make_store(str(run / "store.zarr"))
+    write_representations(str(run / "representations.zarr"), make_reps(str(run / "store.zarr")))
+    write_checkpoint(str(run / "checkpoints"), seed=3)
+    bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "--density", "1", "--fg-powers", "0",
+             "--scales", str(SIZE), "--tag", "s"])
+    report = json.loads((tmp_path / "profiles-s.json").read_text())
+    assert report["variants"][-2:] == [f"scale {SIZE}", f"even + scale {SIZE}"]
+    scored = report["runs"]["quality-t/dev-d1-s0-t0"][f"scale {SIZE}"]
+    assert 0.0 <= scored["all-sample field NN accuracy"] <= 1.0
+
+    # one window covers the field: its profile is the encoder's global vector of the whole field
+    fields = pd.DataFrame({"sample": ["S01", "S04"], "field": ["2", "3"]})
+    profiles = bp.scale_profiles(run, fields, SIZE)
+    store, encoder = open_store(str(run / "store.zarr")), tiny_encoder(3)
+    for row, (sample, field) in enumerate(zip(fields["sample"], fields["field"], strict=True)):
+        raw, mask = store.read_image(sample, field), store.read_mask(sample, field)
+        pixels = torch.from_numpy(store.normalise(raw, mask))[None]
+        with torch.no_grad():
+            whole = encoder(pixels, torch.from_numpy(mask.astype(np.float32))[None])[1][0].numpy()
+        np.testing.assert_allclose(profiles[row], whole, rtol=1e-4, atol=1e-5)
