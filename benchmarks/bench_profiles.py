@@ -50,18 +50,22 @@ def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
     window = job.window_of(sub)
     table = sub.table.assign(fg_fraction=sub.table["fg_fraction"] ** power)
     fields, profiles = field_profiles(table, sub.features["dim"], how, density > 0, window, ridge)
+    return grouped(fields, profiles, cfg.model_copy(update={"profile_density": density}), focus,
+                   job.phenotype_map(reps))
+
+
+def grouped(fields, profiles: np.ndarray, cfg: ClusterSettings, focus, phen: dict) -> dict:
+    """Image ARI and field NN accuracy of ``fields`` grouped from their ``profiles`` as ``cluster`` groups
+    them, one group per sample."""
     k = int(fields["sample"].nunique())
-    model, labels = job.fit_field_clusters(fields, profiles, cfg.model_copy(update={"profile_density": density}),
-                                           k, focus)
-    image = job.image_scores(fields, labels, "", job.phenotype_map(reps))["image_ari"]
+    model, labels = job.fit_field_clusters(fields, profiles, cfg, k, focus)
+    image = job.image_scores(fields, labels, "", phen)["image_ari"]
     return {"image_ari": image, "nn_accuracy": job.retrieval_scores(model, profiles, fields)["nn_accuracy"]}
 
 
-def scale_profiles(run: Path, fields, window: int) -> np.ndarray:
+def scale_profiles(encoder, store, fields, window: int) -> np.ndarray:
     """(n_fields, G) profiles of ``fields`` (rows in profile order) from windows of edge ``window``,
-    a quarter window apart, embedded anew by the run's encoder and aggregated as ``cluster`` does."""
-    encoder, _ = load_encoder(str(run / "checkpoints"))
-    store = open_store(str(run / "store.zarr"))
+    a quarter window apart, embedded anew by ``encoder`` from ``store`` and aggregated as ``cluster`` does."""
     least = InferSettings().min_foreground
     out = []
     for sample, field in zip(fields["sample"].astype(str), fields["field"].astype(str), strict=True):
@@ -77,27 +81,22 @@ def scale_profiles(run: Path, fields, window: int) -> np.ndarray:
 
 
 def scale_scores(run: Path, reps, scales: list[int], cfg: ClusterSettings, focus) -> dict[str, dict[str, float]]:
-    """Each scale's profile alone and beside the run's own, on all samples and on the held-out ones."""
-    window = job.window_of(reps)
-    fields, own = field_profiles(reps.table, reps.features["dim"], "even", True, window)
+    """Each scale's profile alone and beside the run's own, on all samples and on the held-out ones;
+    the run's encoder (its checkpoints) and fields (its store) embed the scales."""
+    encoder, _ = load_encoder(str(run / "checkpoints"))
+    store = open_store(str(run / "store.zarr"))
+    phen = job.phenotype_map(reps)
+    fields, own = field_profiles(reps.table, reps.features["dim"], "even", True, job.window_of(reps))
     held = (fields["split"] == "test").to_numpy()
     out = {}
     for edge in scales:
-        other = scale_profiles(run, fields, edge)
+        other = scale_profiles(encoder, store, fields, edge)
         for name, profiles in ((f"scale {edge}", np.hstack([other, own[:, -1:]])),
                                (f"even + scale {edge}", np.hstack([own[:, :-1], other, own[:, -1:]]))):
-            scores = [_grouped(fields[rows].copy(), profiles[rows], cfg, focus, job.phenotype_map(reps))
-                      for rows in (np.ones(len(fields), bool), held)]
-            out[name] = dict(zip(SCORES, (scores[0][0], scores[1][0], scores[0][1]), strict=True))
+            whole, part = (grouped(fields[rows].copy(), profiles[rows], cfg, focus, phen)
+                           for rows in (np.ones(len(fields), bool), held))
+            out[name] = dict(zip(SCORES, (whole["image_ari"], part["image_ari"], whole["nn_accuracy"]), strict=True))
     return out
-
-
-def _grouped(fields, profiles: np.ndarray, cfg: ClusterSettings, focus, phen: dict) -> tuple[float, float]:
-    """Image ARI and field NN accuracy of ``fields`` grouped from ``profiles`` (the cover last)."""
-    k = int(fields["sample"].nunique())
-    model, labels = job.fit_field_clusters(fields, profiles.astype(np.float32), cfg, k, focus)
-    return job.image_scores(fields, labels, "", phen)["image_ari"], job.retrieval_scores(model, profiles, fields)[
-        "nn_accuracy"]
 
 
 def variants(ridges: list[float], densities: list[float], powers: list[float]) -> list[tuple]:

@@ -13,6 +13,7 @@ import torch
 
 from cellmi.representations import write_representations
 from cellmi.store import open_store
+from cellmi.train.checkpoint import load_encoder
 from tests.infer.standin import tiny_encoder, write_checkpoint
 
 from .conftest import SIZE, make_reps, make_store
@@ -58,8 +59,8 @@ def test_a_scale_as_large_as_the_field_profiles_each_field_by_its_whole_field_ve
 
     # one window covers the field: its profile is the encoder's global vector of the whole field
     fields = pd.DataFrame({"sample": ["S01", "S04"], "field": ["2", "3"]})
-    profiles = bp.scale_profiles(run, fields, SIZE)
     store, encoder = open_store(str(run / "store.zarr")), tiny_encoder(3)
+    profiles = bp.scale_profiles(load_encoder(str(run / "checkpoints"))[0], store, fields, SIZE)
     for row, (sample, field) in enumerate(zip(fields["sample"], fields["field"], strict=True)):
         raw, mask = store.read_image(sample, field), store.read_mask(sample, field)
         pixels = torch.from_numpy(store.normalise(raw, mask))[None]
