@@ -688,17 +688,25 @@ def _dust(shape: tuple[int, ...], nz: Nuisances, art: np.random.Generator) -> np
 
 
 def synth_field(
-    sample_index: int, field_index: int, seed: int = 0, size: int = 512, variation: str = "base"
+    sample_index: int,
+    field_index: int,
+    seed: int = 0,
+    size: int = 512,
+    variation: str = "base",
+    nuisances: Nuisances | None = None,
 ) -> SynthField:
     """One field of sample ``sample_index`` (phenotype ``PHENOTYPES[sample_index]``), field id
     ``str(field_index + 1)``, with the nuisances of level ``variation`` (base, dev or heldout).
-    Pixels (C, Y, X) = (3, size, size) uint16; the same arguments give the same bits."""
+    Pixels (C, Y, X) = (3, size, size) uint16; the same arguments give the same bits.
+
+    ``nuisances``, when given, replace the drawn ones: the same cells under other optics, stain or
+    debris (what ``benchmarks/bench_nuisance.py`` puts a trained encoder through)."""
     if not 0 <= sample_index < len(PHENOTYPES):
         raise ValueError(f"sample index {sample_index} outside 0..{len(PHENOTYPES) - 1}")
     if field_index < 0 or size < 16:
         raise ValueError(f"bad field index {field_index} or size {size} (need >= 0 and >= 16)")
     rng = _field_rng(seed, sample_index, field_index)
-    nz = draw_nuisances(seed, sample_index, field_index, variation)
+    nz = nuisances if nuisances is not None else draw_nuisances(seed, sample_index, field_index, variation)
     art = artefact_rng(seed, sample_index, field_index)
     ph = _with_nuisances(PHENOTYPES[sample_index], nz)
     extent = -(-(size + 2 * MARGIN) // 4) * 4  # a multiple of 4 for the haze; the excess is cropped
