@@ -175,17 +175,20 @@ def test_a_train_setting_redoes_train_and_the_stages_after_it(quick_run, tmp_pat
     assert record["stages"]["train"]["settings"]["train"]["steps"] == 12
 
 
-def test_force_redoes_every_stage(quick_run, tmp_path):
+def test_force_redoes_every_stage_even_for_another_run(quick_run, tmp_path):
+    """--force in a folder of another run (here another synthetic draw) redoes every stage."""
     workdir = copy_of(quick_run, tmp_path)
     before = snapshot(workdir)
-    proc = quick(workdir, "--force")
+    proc = quick(workdir, "--synth.seed", "1", "--force")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ran(proc.stderr) == list(OUTPUTS) and reused(proc.stderr, str(workdir)) == []
     after = snapshot(workdir)
     for name in ("store.zarr/zarr.json", "checkpoints/step_000040.pt", "representations.zarr/zarr.json",
                  "representations.parquet", "analysis/report.html", "run.json"):
         assert after[name][1] != before[name][1], name
-    assert sorted(after) == sorted(before)  # the same run again: the same files
+    assert sorted(after) == sorted(before)  # a run of the same shape: the same files
+    record = json.loads((workdir / "run.json").read_text())
+    assert record["stages"]["ingest"]["settings"]["synth"]["seed"] == 1
 
 
 # ---------------------------------------------------------------- a folder of another run
@@ -212,13 +215,7 @@ def test_a_folder_holding_another_run_is_refused_untouched_unless_forced(quick_r
     (workdir / "run.json").unlink()  # a store that no `cellmi run` recorded
     proc = quick(workdir)
     assert_one_line_error(proc, f"{workdir}: holds a store that no `cellmi run` recorded; pass --force")
-    (workdir / "run.json").write_bytes((quick_run.workdir / "run.json").read_bytes())
-
-    proc = quick(workdir, "--synth.seed", "1", "--force")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ran(proc.stderr) == list(OUTPUTS)
-    record = json.loads((workdir / "run.json").read_text())
-    assert record["stages"]["ingest"]["settings"]["synth"]["seed"] == 1
+    # that --force then redoes every stage: test_force_redoes_every_stage_even_for_another_run
 
 
 # ---------------------------------------------------------------- on S3
