@@ -12,7 +12,10 @@ more profile feature; the others leave it out) and each ``--fg-powers`` power of
 foreground in their weight (0: not weighted by foreground). With ``--scales``, each run's encoder (its
 checkpoint) embeds its fields (its store) again with windows of each edge given, and each scale's
 profile is scored alone and beside the run's own (both with the cover, as ``cluster`` does): the
-multi-scale question, asked without training anew. Grouping is `cellmi cluster`'s profile
+multi-scale question, asked without training anew. With ``--misplaced``, the default profile's
+misplaced fields too: each field whose nearest field (cosine, on the scaled profiles, as the field
+nearest-neighbour accuracy finds it) is of another sample, counted by sample pair, by held-out or
+training sample and by whether focus QC flags it. Grouping is `cellmi cluster`'s profile
 step with its defaults (spectral consensus on rank-scaled profiles, one group per sample), on all
 samples and on the held-out ones. Settings are chosen on development runs only
 (quality-protocol.md): pass folders of dev runs. Writes out/profiles[-tag].json and .md: per
@@ -31,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from cellmi.analyze import job
+from cellmi.analyze.metrics import cosine_similarity
 from cellmi.analyze.profiles import EVEN_RIDGE, field_profiles
 from cellmi.infer.embed import embed_shared
 from cellmi.infer.windows import foreground_fraction, window_grid
@@ -108,9 +112,42 @@ def variants(ridges: list[float], densities: list[float], powers: list[float]) -
     return out
 
 
-def score_run(folder: Path, plan: list[tuple], scales: list[int]) -> dict[str, dict[str, float]]:
+def load(folder: Path):
     url = str(folder / "representations.zarr")
-    reps = job.with_cover(job.usable_windows(load_representations(url), url), from_store=True)
+    return job.with_cover(job.usable_windows(load_representations(url), url), from_store=True)
+
+
+def misplaced(folder: Path) -> pd.DataFrame:
+    """Every field of a run with its phenotype, its nearest field's, its split, its focus flag and whether
+    that nearest field is of its own sample (default profile, all samples, scaled as ``cluster`` scales)."""
+    reps, cfg = load(folder), ClusterSettings()
+    fields, profiles = field_profiles(reps.table, reps.features["dim"], "even", True, job.window_of(reps))
+    k = int(fields["sample"].nunique())
+    model, _ = job.fit_field_clusters(fields, profiles, cfg, k, job.fields_focus(reps, cfg))
+    similar = cosine_similarity(model.scale(profiles))
+    np.fill_diagonal(similar, -np.inf)
+    nearest = similar.argmax(axis=1)
+    samples, phen = fields["sample"].astype(str).to_numpy(), job.phenotype_map(reps)
+    return pd.DataFrame({"phenotype": [phen.get(s, s) for s in samples],
+                         "nearest": [phen.get(s, s) for s in samples[nearest]], "split": fields["split"].to_numpy(),
+                         "blurred": fields["blurred"].to_numpy(), "own": samples[nearest] == samples})
+
+
+def misplaced_table(found: pd.DataFrame) -> str:
+    """Markdown: misplaced fields by split and focus flag, then by phenotype pair."""
+    lines = ["| fields | misplaced | of | share |", "|---|---|---|---|"]
+    for name, rows in (("held-out samples", found["split"] == "test"), ("training samples", found["split"] != "test"),
+                       ("flagged blurred", found["blurred"]), ("in focus", ~found["blurred"])):
+        wrong, total = int((~found["own"] & rows).sum()), int(rows.sum())
+        lines.append(f"| {name} | {wrong} | {total} | {wrong / max(total, 1):.1%} |")
+    pairs = found[~found["own"]].groupby(["phenotype", "nearest"]).size().sort_values(ascending=False)
+    lines += ["", "| field's phenotype | nearest field's phenotype | fields |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {n} |" for (a, b), n in pairs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def score_run(folder: Path, plan: list[tuple], scales: list[int]) -> dict[str, dict[str, float]]:
+    reps = load(folder)
     cfg = ClusterSettings()
     focus = job.fields_focus(reps, cfg)
     out = {}
@@ -141,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="powers of each window's foreground fraction in its weight (1: as cluster does)")
     parser.add_argument("--scales", type=int, nargs="*", default=[],
                         help="window edges to embed each run's fields at again (needs its checkpoints and store)")
+    parser.add_argument("--misplaced", action="store_true",
+                        help="also count the fields whose nearest field is of another sample (default profile)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--tag", default="", help="name of the report (out/profiles-TAG)")
     args = parser.parse_args(argv)
@@ -159,8 +198,13 @@ def main(argv: list[str] | None = None) -> None:
               flush=True, file=sys.stderr)
     name = "profiles" + (f"-{args.tag}" if args.tag else "")
     names = list(next(iter(results.values())))
-    markdown = table(results, names)
-    (args.out / f"{name}.json").write_text(json.dumps({"variants": names, "runs": results}, indent=2))
+    markdown, report = table(results, names), {"variants": names, "runs": results}
+    if args.misplaced:
+        found = pd.concat([misplaced(run).assign(run=f"{run.parent.name}/{run.name}") for run in runs])
+        markdown += "\nFields whose nearest field is of another sample (default profile):\n\n"
+        markdown += misplaced_table(found)
+        report["misplaced"] = found[~found["own"]].drop(columns="own").to_dict(orient="records")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
 

@@ -38,11 +38,28 @@ def test_every_variant_is_scored_on_every_run_and_held_out_runs_are_refused(tmp_
         # the fixture's samples are well apart: every recipe groups them exactly
         assert all(v["all-sample image ARI"] == pytest.approx(1.0) for v in run.values())
     assert "| even, density 1 |" in (tmp_path / "profiles-x.md").read_text()
+    bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "--density", "1", "--misplaced", "--tag", "m"])
+    assert json.loads((tmp_path / "profiles-m.json").read_text())["misplaced"] == []  # samples well apart
+    found = pd.concat([bp.misplaced(tmp_path / "quality-t" / name) for name in ("dev-d1-s0-t0", "dev-d1-s1-t0")])
+    held = int((found["split"] == "test").sum())
+    assert found["own"].all() and 0 < held < len(found)
+    assert f"| held-out samples | 0 | {held} | 0.0% |" in (tmp_path / "profiles-m.md").read_text()
     write_representations(str(tmp_path / "quality-t" / "heldout-d6-s0-t0" / "representations.zarr"),
                           make_reps(str(tmp_path / "no-store.zarr")))
     with pytest.raises(SystemExit, match="held-out run"):
         bp.main(["--tags", "t", "--out", str(tmp_path)])
 
+
+def test_misplaced_fields_are_counted_by_split_focus_and_pair():
+    found = pd.DataFrame({"phenotype": ["a", "a", "b", "c"], "nearest": ["b", "a", "b", "a"],
+                          "split": ["test", "test", "train", "train"], "blurred": [True, False, False, False],
+                          "own": [False, True, True, False]})
+    got = bp.misplaced_table(found)
+    for line in ("| held-out samples | 1 | 2 | 50.0% |", "| training samples | 1 | 2 | 50.0% |",
+                 "| flagged blurred | 1 | 1 | 100.0% |", "| in focus | 1 | 3 | 33.3% |",
+                 "| a | b | 1 |", "| c | a | 1 |"):
+        assert line in got, line
+    assert "| a | a |" not in got
 
 
 def test_a_scale_as_large_as_the_field_profiles_each_field_by_its_whole_field_vector(tmp_path):
