@@ -9,7 +9,10 @@ to field groups changes: ``weighted`` (foreground-weighted mean of the windows),
 ``--ridges`` value (the same, evened out over the field; see ``axis_weights``), and, for the default
 ridge, each ``--density`` weight (the field's cover, the share of it in its foreground mask, as one
 more profile feature; the others leave it out) and each ``--fg-powers`` power of the windows'
-foreground in their weight (0: not weighted by foreground). With ``--scales``, each run's encoder (its
+foreground in their weight (0: not weighted by foreground). With ``--open``, for each radius and each
+``--open-weights`` weight, the field's open space (the share of it farther than the radius from its
+foreground mask: the room between cells, a second measure of density) joins the profile at that weight
+beside the cover as a plain feature. With ``--scales``, each run's encoder (its
 checkpoint) embeds its fields (its store) again with windows of each edge given, and each scale's
 profile is scored alone and beside the run's own (both with the cover, as ``cluster`` does): the
 multi-scale question, asked without training anew. With ``--misplaced``, the default profile's
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.ndimage import distance_transform_edt
 
 from cellmi.analyze import job
 from cellmi.analyze.metrics import cosine_similarity
@@ -47,13 +51,18 @@ OUT = Path(__file__).resolve().parent / "out"
 SCORES = ("all-sample image ARI", "held-out image ARI", "all-sample field NN accuracy")
 
 
-def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus) -> dict:
-    """Image ARI and field NN accuracy of one split grouped from profiles of one recipe."""
-    _, how, ridge, density, power = recipe
+def group(reps, split: str, recipe: tuple, cfg: ClusterSettings, focus, opens: dict) -> dict:
+    """Image ARI and field NN accuracy of one split grouped from profiles of one recipe. With an open-space
+    radius, the field's cover joins as a plain feature and its open space (``opens[radius]``) last, weighted
+    ``density``."""
+    _, how, ridge, density, power, radius = recipe
     sub = reps if split == "all" else reps.subset(reps.table["split"].to_numpy() == split)
     window = job.window_of(sub)
     table = sub.table.assign(fg_fraction=sub.table["fg_fraction"] ** power)
     fields, profiles = field_profiles(table, sub.features["dim"], how, density > 0, window, ridge)
+    if radius:
+        keys = zip(fields["sample"].astype(str), fields["field"].astype(str), strict=True)
+        profiles = np.hstack([profiles, np.array([[opens[radius][key]] for key in keys], np.float32)])
     return grouped(fields, profiles, cfg.model_copy(update={"profile_density": density}), focus,
                    job.phenotype_map(reps))
 
@@ -103,13 +112,22 @@ def scale_scores(run: Path, reps, scales: list[int], cfg: ClusterSettings, focus
     return out
 
 
-def variants(ridges: list[float], densities: list[float], powers: list[float]) -> list[tuple]:
-    """(name, aggregation, ridge, density weight, power of the windows' foreground in their weight)."""
-    out = [("weighted", "weighted", EVEN_RIDGE, 0.0, 1.0)]
-    out += [(f"even, ridge {r:g}", "even", r, 0.0, 1.0) for r in ridges]
-    out += [(f"even, density {d:g}", "even", EVEN_RIDGE, d, 1.0) for d in densities if d > 0]
-    out += [(f"even, foreground^{p:g}", "even", EVEN_RIDGE, 0.0, p) for p in powers if p != 1]
+def variants(ridges: list[float], densities: list[float], powers: list[float], radii: list[int] = (),
+             open_weights: list[float] = ()) -> list[tuple]:
+    """(name, aggregation, ridge, weight of the last feature, power of the windows' foreground in their weight,
+    open-space radius or 0)."""
+    out = [("weighted", "weighted", EVEN_RIDGE, 0.0, 1.0, 0)]
+    out += [(f"even, ridge {r:g}", "even", r, 0.0, 1.0, 0) for r in ridges]
+    out += [(f"even, density {d:g}", "even", EVEN_RIDGE, d, 1.0, 0) for d in densities if d > 0]
+    out += [(f"even, foreground^{p:g}", "even", EVEN_RIDGE, 0.0, p, 0) for p in powers if p != 1]
+    out += [(f"even, cover 1 + open space {r} px {w:g}", "even", EVEN_RIDGE, w, 1.0, r)
+            for r in radii for w in open_weights]
     return out
+
+
+def open_space(store, keys, radius: int) -> dict[tuple[str, str], float]:
+    """Share of each field farther than ``radius`` pixels from its foreground: the room between cells."""
+    return {key: float((distance_transform_edt(~store.read_mask(*key)) > radius).mean()) for key in keys}
 
 
 def load(folder: Path):
@@ -150,9 +168,12 @@ def score_run(folder: Path, plan: list[tuple], scales: list[int]) -> dict[str, d
     reps = load(folder)
     cfg = ClusterSettings()
     focus = job.fields_focus(reps, cfg)
+    radii = sorted({recipe[-1] for recipe in plan if recipe[-1]})
+    keys = set(zip(reps.table["sample"].astype(str), reps.table["field"].astype(str), strict=True))
+    opens = {r: open_space(open_store(str(folder / "store.zarr")), keys, r) for r in radii}
     out = {}
     for recipe in plan:
-        whole, held = (group(reps, split, recipe, cfg, focus) for split in ("all", "test"))
+        whole, held = (group(reps, split, recipe, cfg, focus, opens) for split in ("all", "test"))
         out[recipe[0]] = dict(zip(SCORES, (whole["image_ari"], held["image_ari"], whole["nn_accuracy"]), strict=True))
     return out | (scale_scores(folder, reps, scales, cfg, focus) if scales else {})
 
@@ -178,12 +199,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="powers of each window's foreground fraction in its weight (1: as cluster does)")
     parser.add_argument("--scales", type=int, nargs="*", default=[],
                         help="window edges to embed each run's fields at again (needs its checkpoints and store)")
+    parser.add_argument("--open", type=int, nargs="*", default=[],
+                        help="radii (px) of open space: the share of a field that far from its foreground, as one "
+                        "more profile feature beside the cover (needs the run's store)")
+    parser.add_argument("--open-weights", type=float, nargs="+", default=[1.0], help="weights of the open space")
     parser.add_argument("--misplaced", action="store_true",
                         help="also count the fields whose nearest field is of another sample (default profile)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--tag", default="", help="name of the report (out/profiles-TAG)")
     args = parser.parse_args(argv)
-    plan = variants(args.ridges, args.density, args.fg_powers)
+    plan = variants(args.ridges, args.density, args.fg_powers, args.open, args.open_weights)
     runs = sorted(run for tag in args.tags for run in (args.out / f"quality-{tag}").glob("*")
                   if (run / "representations.zarr").exists())
     if not runs:

@@ -62,17 +62,30 @@ def test_misplaced_fields_are_counted_by_split_focus_and_pair():
     assert "| a | a |" not in got
 
 
+def test_open_space_is_the_share_of_a_field_farther_than_the_radius_from_its_foreground():
+    class Masks:
+        def read_mask(self, sample, field):
+            mask = np.zeros((5, 5), bool)
+            mask[2, 2] = True
+            return mask
+
+    got = bp.open_space(Masks(), [("S01", "1")], 1)
+    assert got == {("S01", "1"): pytest.approx(20 / 25)}  # the pixel and its four neighbours are within 1 px
+    assert bp.open_space(Masks(), [("S01", "1")], 3)[("S01", "1")] == pytest.approx(0.0)  # corners: 2.83 px
+
+
 def test_a_scale_as_large_as_the_field_profiles_each_field_by_its_whole_field_vector(tmp_path):
     run = tmp_path / "quality-t" / "dev-d1-s0-t0"
     make_store(str(run / "store.zarr"))
     write_representations(str(run / "representations.zarr"), make_reps(str(run / "store.zarr")))
     write_checkpoint(str(run / "checkpoints"), seed=3)
     bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "--density", "1", "--fg-powers", "0",
-             "--scales", str(SIZE), "--tag", "s"])
+             "--scales", str(SIZE), "--open", "4", "--tag", "s"])
     report = json.loads((tmp_path / "profiles-s.json").read_text())
-    assert report["variants"][-2:] == [f"scale {SIZE}", f"even + scale {SIZE}"]
-    scored = report["runs"]["quality-t/dev-d1-s0-t0"][f"scale {SIZE}"]
-    assert 0.0 <= scored["all-sample field NN accuracy"] <= 1.0
+    assert report["variants"][-3:] == ["even, cover 1 + open space 4 px 1", f"scale {SIZE}", f"even + scale {SIZE}"]
+    for name in ("even, cover 1 + open space 4 px 1", f"scale {SIZE}"):
+        scored = report["runs"]["quality-t/dev-d1-s0-t0"][name]
+        assert 0.0 <= scored["all-sample field NN accuracy"] <= 1.0
 
     # one window covers the field: its profile is the encoder's global vector of the whole field
     fields = pd.DataFrame({"sample": ["S01", "S04"], "field": ["2", "3"]})
