@@ -145,6 +145,15 @@ def nearest_is_own(profiles: np.ndarray, query: np.ndarray, rows: np.ndarray, sa
     return samples[far.argmin(axis=1)] == samples[rows]
 
 
+def refuse_heldout(folder: Path) -> None:
+    """Augmentations are chosen on development draws only (quality-protocol.md)."""
+    settings = folder / "settings.json"
+    if not settings.exists():
+        raise SystemExit(f"{folder}: not a finished `cellmi run` folder (no settings.json)")
+    if json.loads(settings.read_text())["synth"]["variation"] == "heldout":
+        raise SystemExit(f"{folder}: a held-out run; measure nuisances on development runs only")
+
+
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     names = list(next(iter(results.values())))
     lines = ["| nuisance (held-out strength) | moved | gap | moved / gap | NN kept, clean | NN kept, under it |",
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", default="", help="suffix of the output files")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
+    for folder in args.runs:
+        refuse_heldout(folder)
     results = {}
     for folder in args.runs:
         results[folder.name] = got = score_run(folder, args.level)

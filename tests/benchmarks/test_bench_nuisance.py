@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,13 @@ def test_gap_and_nearest_field_by_hand():
     assert bn.nearest_is_own(profiles, profiles[rows], rows, samples).tolist() == [True, True]
     moved = np.array([[4.9, 5], [0, 0.2]])  # each moved onto the other sample
     assert bn.nearest_is_own(profiles, moved, rows, samples).tolist() == [False, False]
+
+
+def test_only_development_runs_are_read(tmp_path):
+    for name, level in (("dev-d1-s0-t0", "dev"), ("heldout-d6-s0-t0", "heldout")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "settings.json").write_text(json.dumps({"synth": {"variation": level}}))
+    with pytest.raises(SystemExit, match="heldout-d6-s0-t0: a held-out run"):
+        bn.main(["--runs", str(tmp_path / "dev-d1-s0-t0"), str(tmp_path / "heldout-d6-s0-t0")])
+    with pytest.raises(SystemExit, match=r"no settings\.json"):
+        bn.main(["--runs", str(tmp_path / "elsewhere")])
