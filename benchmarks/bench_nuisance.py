@@ -3,7 +3,8 @@ fields lie from the nearest field of another sample.
 
     python benchmarks/bench_nuisance.py --runs benchmarks/out/quality-base/dev-d2-s0-t0 [more runs] --tag T
 
-Each run is a finished ``cellmi run`` on a synthetic screen (``bench_quality.py`` makes them): its encoder
+Each run is a finished ``cellmi run`` on a synthetic development draw (``bench_quality.py --suite dev`` makes
+them; held-out runs are refused, as augmentations are chosen on development draws): its encoder
 (checkpoints), its store and its settings (the draw, the variation level). Its held-out fields are made
 again by the generator with the very nuisances they were drawn with (checked: the same bits as the
 store), then once more with one nuisance set to the strength of the held-out level (``LEVELS``), the
