@@ -98,11 +98,12 @@ def made_under(store, synth: dict, keys: list[tuple[str, str]], level: str) -> d
     rng = np.random.default_rng(0)
     plan: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     for sample, field in keys:
-        if not np.array_equal(remade(synth, sample, field, None), store.read_image(sample, field)):
+        own = remade(synth, sample, field, None)
+        if not np.array_equal(own, store.read_image(sample, field)):
             raise SystemExit(f"{store.url}: field {sample}/{field} is not the generator's (settings {synth})")
         nz = draw_nuisances(synth["seed"], sample_index(sample), int(field) - 1, synth["variation"])
         for name, changed in variants(nz, level, rng.uniform(0, 2 * np.pi)).items():
-            plan.setdefault(name, {})[sample, field] = remade(synth, sample, field, changed)
+            plan.setdefault(name, {})[sample, field] = own if changed == nz else remade(synth, sample, field, changed)
     return plan
 
 

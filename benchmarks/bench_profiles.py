@@ -38,7 +38,7 @@ import pandas as pd
 from scipy.ndimage import distance_transform_edt
 
 from cellmi.analyze import job
-from cellmi.analyze.metrics import cosine_similarity
+from cellmi.analyze.metrics import nearest_other
 from cellmi.analyze.profiles import EVEN_RIDGE, field_profiles
 from cellmi.infer.embed import embed_shared
 from cellmi.infer.windows import foreground_fraction, window_grid
@@ -125,9 +125,15 @@ def variants(ridges: list[float], densities: list[float], powers: list[float], r
     return out
 
 
-def open_space(store, keys, radius: int) -> dict[tuple[str, str], float]:
-    """Share of each field farther than ``radius`` pixels from its foreground: the room between cells."""
-    return {key: float((distance_transform_edt(~store.read_mask(*key)) > radius).mean()) for key in keys}
+def open_space(store, keys, radii: list[int]) -> dict[int, dict[tuple[str, str], float]]:
+    """Radius -> share of each field farther than that many pixels from its foreground: the room between
+    cells. Each mask is read, and its distance transform made, once for all radii."""
+    out: dict[int, dict[tuple[str, str], float]] = {r: {} for r in radii}
+    for key in keys:
+        far = distance_transform_edt(~store.read_mask(*key))
+        for r in radii:
+            out[r][key] = float((far > r).mean())
+    return out
 
 
 def load(folder: Path):
@@ -135,16 +141,15 @@ def load(folder: Path):
     return job.with_cover(job.usable_windows(load_representations(url), url), from_store=True)
 
 
-def misplaced(folder: Path) -> pd.DataFrame:
+def misplaced(reps) -> pd.DataFrame:
     """Every field of a run with its phenotype, its nearest field's, its split, its focus flag and whether
-    that nearest field is of its own sample (default profile, all samples, scaled as ``cluster`` scales)."""
-    reps, cfg = load(folder), ClusterSettings()
+    that nearest field is of its own sample (default profile, all samples, scaled as ``cluster`` scales,
+    nearest as field nearest-neighbour accuracy finds it)."""
+    cfg = ClusterSettings()
     fields, profiles = field_profiles(reps.table, reps.features["dim"], "even", True, job.window_of(reps))
     k = int(fields["sample"].nunique())
     model, _ = job.fit_field_clusters(fields, profiles, cfg, k, job.fields_focus(reps, cfg))
-    similar = cosine_similarity(model.scale(profiles))
-    np.fill_diagonal(similar, -np.inf)
-    nearest = similar.argmax(axis=1)
+    nearest = nearest_other(model.scale(profiles))
     samples, phen = fields["sample"].astype(str).to_numpy(), job.phenotype_map(reps)
     return pd.DataFrame({"phenotype": [phen.get(s, s) for s in samples],
                          "nearest": [phen.get(s, s) for s in samples[nearest]], "split": fields["split"].to_numpy(),
@@ -164,13 +169,13 @@ def misplaced_table(found: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def score_run(folder: Path, plan: list[tuple], scales: list[int]) -> dict[str, dict[str, float]]:
-    reps = load(folder)
+def score_run(folder: Path, reps, plan: list[tuple], scales: list[int]) -> dict[str, dict[str, float]]:
+    """Every recipe of ``plan`` (and scale) on one run, ``reps`` its representations (``load``)."""
     cfg = ClusterSettings()
     focus = job.fields_focus(reps, cfg)
     radii = sorted({recipe[-1] for recipe in plan if recipe[-1]})
     keys = set(zip(reps.table["sample"].astype(str), reps.table["field"].astype(str), strict=True))
-    opens = {r: open_space(open_store(str(folder / "store.zarr")), keys, r) for r in radii}
+    opens = open_space(open_store(str(folder / "store.zarr")), keys, radii) if radii else {}
     out = {}
     for recipe in plan:
         whole, held = (group(reps, split, recipe, cfg, focus, opens) for split in ("all", "test"))
@@ -216,16 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     heldout = [r for r in runs if r.name.startswith("heldout")]
     if heldout:
         raise SystemExit(f"{heldout[0]}: a held-out run; choose profile settings on development runs only")
-    results = {}
+    results, found = {}, []
     for run in runs:
-        scored = results[f"{run.parent.name}/{run.name}"] = score_run(run, plan, args.scales)
+        reps, name = load(run), f"{run.parent.name}/{run.name}"
+        scored = results[name] = score_run(run, reps, plan, args.scales)
         print(run.name, json.dumps({k: round(v["all-sample image ARI"], 3) for k, v in scored.items()}),
               flush=True, file=sys.stderr)
+        if args.misplaced:
+            found.append(misplaced(reps).assign(run=name))
     name = "profiles" + (f"-{args.tag}" if args.tag else "")
     names = list(next(iter(results.values())))
     markdown, report = table(results, names), {"variants": names, "runs": results}
     if args.misplaced:
-        found = pd.concat([misplaced(run).assign(run=f"{run.parent.name}/{run.name}") for run in runs])
+        found = pd.concat(found)
         markdown += "\nFields whose nearest field is of another sample (default profile):\n\n"
         markdown += misplaced_table(found)
         report["misplaced"] = found[~found["own"]].drop(columns="own").to_dict(orient="records")

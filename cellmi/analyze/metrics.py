@@ -90,6 +90,13 @@ def mean_average_precision(x: np.ndarray, groups: Sequence) -> float | None:
     return float(frame.groupby("group")["ap"].mean().mean())
 
 
+def nearest_other(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N,) index of each row's most cosine-similar other row."""
+    sims = cosine_similarity(x)
+    np.fill_diagonal(sims, -np.inf)
+    return np.argmax(sims, axis=1)
+
+
 def nn_accuracy(x: np.ndarray, groups: Sequence) -> float | None:
     """Share of rows of (N, D) ``x`` whose most cosine-similar other row has the same group.
 
@@ -98,14 +105,11 @@ def nn_accuracy(x: np.ndarray, groups: Sequence) -> float | None:
     groups = np.asarray(groups)
     if len(groups) < 2:
         return None
-    sims = cosine_similarity(x)
-    np.fill_diagonal(sims, -np.inf)
     sizes = pd.Series(groups).map(pd.Series(groups).value_counts()).to_numpy()
     keep = sizes > 1
     if not keep.any():
         return None
-    nearest = np.argmax(sims, axis=1)
-    return float((groups[nearest] == groups)[keep].mean())
+    return float((groups[nearest_other(x)] == groups)[keep].mean())
 
 
 def field_folds(samples: Sequence, fields: Sequence) -> np.ndarray:

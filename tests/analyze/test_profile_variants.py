@@ -40,7 +40,8 @@ def test_every_variant_is_scored_on_every_run_and_held_out_runs_are_refused(tmp_
     assert "| even, density 1 |" in (tmp_path / "profiles-x.md").read_text()
     bp.main(["--tags", "t", "--out", str(tmp_path), "--ridges", "0.5", "--density", "1", "--misplaced", "--tag", "m"])
     assert json.loads((tmp_path / "profiles-m.json").read_text())["misplaced"] == []  # samples well apart
-    found = pd.concat([bp.misplaced(tmp_path / "quality-t" / name) for name in ("dev-d1-s0-t0", "dev-d1-s1-t0")])
+    runs = [tmp_path / "quality-t" / name for name in ("dev-d1-s0-t0", "dev-d1-s1-t0")]
+    found = pd.concat([bp.misplaced(bp.load(run)) for run in runs])
     held = int((found["split"] == "test").sum())
     assert found["own"].all() and 0 < held < len(found)
     assert f"| held-out samples | 0 | {held} | 0.0% |" in (tmp_path / "profiles-m.md").read_text()
@@ -69,9 +70,9 @@ def test_open_space_is_the_share_of_a_field_farther_than_the_radius_from_its_for
             mask[2, 2] = True
             return mask
 
-    got = bp.open_space(Masks(), [("S01", "1")], 1)
-    assert got == {("S01", "1"): pytest.approx(20 / 25)}  # the pixel and its four neighbours are within 1 px
-    assert bp.open_space(Masks(), [("S01", "1")], 3)[("S01", "1")] == pytest.approx(0.0)  # corners: 2.83 px
+    got = bp.open_space(Masks(), [("S01", "1")], [1, 3])
+    assert got[1] == {("S01", "1"): pytest.approx(20 / 25)}  # the pixel and its four neighbours are within 1 px
+    assert got[3][("S01", "1")] == pytest.approx(0.0)  # corners: 2.83 px
 
 
 def test_a_scale_as_large_as_the_field_profiles_each_field_by_its_whole_field_vector(tmp_path):
